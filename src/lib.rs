@@ -1,5 +1,211 @@
 //! fresh-proxy: a local reverse proxy for Databricks model serving that keeps coding agents on a
 //! fresh token.
+//!
+//! [`app`] builds the whole HTTP surface as an axum [`Router`], so tests and examples run exactly
+//! what the binary runs:
+//!
+//! * every method and path but the three below is forwarded to the upstream base, with the
+//!   current token injected by [`fresh_token::FreshTokenLayer`], the request sanitised and the
+//!   answer fixed by the [`filter`];
+//! * `GET /health`, `GET /ready` and `GET /metrics` answer locally.
 
+pub mod config;
 pub mod filter;
+mod health;
+pub mod metrics;
+pub mod oauth;
+pub mod proxy;
 pub mod rotator;
+pub mod status;
+pub mod tokens;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use std::convert::Infallible;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::get;
+use fresh_token::{FreshTokenLayer, TokenSource};
+use http::header::AUTHORIZATION;
+use http::{HeaderValue, Request};
+use reqwest::Url;
+use tower::ServiceBuilder;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use crate::metrics::Metrics;
+use crate::proxy::Forwarder;
+use crate::status::{Activity, SourceKind, StatusCell, TokenStatus};
+
+/// Everything [`app`] serves from.
+#[derive(Clone)]
+pub struct AppState {
+    forwarder: Forwarder,
+    source: Arc<dyn TokenSource>,
+    status: StatusCell,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("forwarder", &self.forwarder)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings of the forwarding path.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    /// Request paths and queries are appended to this URL.
+    pub upstream_base: Url,
+    /// Larger request bodies get 413.
+    pub max_body: usize,
+    /// Time to wait for upstream response headers.
+    pub upstream_timeout: Duration,
+}
+
+impl ProxySettings {
+    /// `upstream_base` with the default limits (32 MiB bodies, 300 s for headers).
+    pub fn new(upstream_base: Url) -> Self {
+        Self {
+            upstream_base,
+            max_body: 32 * 1024 * 1024,
+            upstream_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl AppState {
+    /// State for a proxy to `settings.upstream_base` that takes tokens from `source`, with a new
+    /// upstream client, fresh metrics and a status of `kind`.
+    pub fn new(settings: ProxySettings, source: Arc<dyn TokenSource>, kind: SourceKind) -> Self {
+        let client = upstream_client(&settings.upstream_base);
+        Self::with_parts(
+            settings,
+            source,
+            client,
+            StatusCell::new(TokenStatus::new(kind)),
+            Metrics::new(),
+            Activity::default(),
+        )
+    }
+
+    /// State from parts shared with the rotator: its status cell, metrics and activity.
+    pub fn with_parts(
+        settings: ProxySettings,
+        source: Arc<dyn TokenSource>,
+        client: reqwest::Client,
+        status: StatusCell,
+        metrics: Metrics,
+        activity: Activity,
+    ) -> Self {
+        let forwarder = Forwarder {
+            client,
+            upstream_base: settings.upstream_base,
+            source: source.clone(),
+            max_body: settings.max_body,
+            upstream_timeout: settings.upstream_timeout,
+            metrics: metrics.clone(),
+            activity,
+        };
+        Self {
+            forwarder,
+            source,
+            status,
+            metrics,
+        }
+    }
+
+    /// The metrics this app records into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+/// The HTTP client used for upstream requests: pooled, HTTPS by rustls, gzip and deflate
+/// decoded so the SSE rewriter sees plain text, no overall timeout (streams may be long).
+pub fn upstream_client(upstream: &Url) -> reqwest::Client {
+    install_crypto_provider();
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true);
+    if config::is_loopback(upstream) {
+        builder = builder.no_proxy();
+    }
+    builder
+        .build()
+        .expect("the upstream client settings are valid")
+}
+
+/// reqwest is built without a default TLS crypto provider; use ring's. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The proxy's router: forwarding with token injection on every path, plus `/health`, `/ready`
+/// and `/metrics` for `GET`.
+pub fn app(state: AppState) -> Router {
+    let metrics = state.metrics.clone();
+    let forwarder = state.forwarder.clone();
+    let forward = ServiceBuilder::new()
+        .map_response(
+            move |res: http::Response<fresh_token::ResponseBody<Body>>| {
+                metrics.request(res.status().as_u16());
+                res.map(Body::new)
+            },
+        )
+        .layer(FreshTokenLayer::new(state.source.clone()))
+        .service(tower::service_fn(move |req| {
+            let forwarder = forwarder.clone();
+            async move { Ok::<_, Infallible>(proxy::forward(forwarder, req).await) }
+        }));
+    Router::new()
+        .route("/health", get(health::health).fallback_service(forward.clone()))
+        .route("/ready", get(health::ready).fallback_service(forward.clone()))
+        .route("/metrics", get(health::metrics).fallback_service(forward.clone()))
+        .fallback_service(forward.clone())
+        .with_state(state)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
+                .layer(SetRequestIdLayer::x_request_id(RequestCounter::default()))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(|req: &Request<_>| {
+                            let id = req
+                                .headers()
+                                .get("x-request-id")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-");
+                            tracing::info_span!("request", id, method = %req.method(), path = req.uri().path())
+                        })
+                        .on_request(())
+                        .on_response(DefaultOnResponse::new().level(Level::DEBUG))
+                        .on_failure(DefaultOnFailure::new().level(Level::WARN)),
+                )
+                .layer(PropagateRequestIdLayer::x_request_id()),
+        )
+}
+
+/// Request ids: a process-wide counter, cheaper than random ids and easy to follow in logs.
+#[derive(Clone, Debug, Default)]
+struct RequestCounter(Arc<AtomicU64>);
+
+impl MakeRequestId for RequestCounter {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        let id = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        HeaderValue::from_str(&format!("{id:x}"))
+            .ok()
+            .map(RequestId::new)
+    }
+}

@@ -1,1 +1,143 @@
-fn main() {}
+//! The `fresh-proxy` binary: parse configuration, start the token machinery, serve until
+//! SIGTERM or Ctrl-C, then let in-flight requests finish up to a deadline.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use fresh_proxy::config::{Cli, Config, LogFormat, Secrets};
+use fresh_proxy::tokens::TokenSetup;
+use fresh_proxy::{AppState, ProxySettings, app};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli, &Secrets::from_env(), std::env::home_dir()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("fresh-proxy: invalid configuration: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("fresh-proxy: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let client = fresh_proxy::upstream_client(&config.upstream_base);
+    let setup = match TokenSetup::new(&config, client.clone()) {
+        Ok(setup) => setup,
+        Err(err) => {
+            eprintln!("fresh-proxy: invalid configuration: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!(address = %config.listen, error = %err, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    let settings = ProxySettings {
+        upstream_base: config.upstream_base.clone(),
+        max_body: config.max_body,
+        upstream_timeout: config.upstream_timeout,
+    };
+    let state = AppState::with_parts(
+        settings,
+        setup.source.clone(),
+        client,
+        setup.status.clone(),
+        setup.metrics.clone(),
+        setup.activity.clone(),
+    );
+    let background = CancellationToken::new();
+    let task = tokio::spawn(setup.run(background.clone()));
+
+    let address = listener
+        .local_addr()
+        .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
+    tracing::info!(
+        address,
+        upstream = config.upstream_base.as_str(),
+        source = ?state_source(&config),
+        "listening"
+    );
+
+    let shutdown = CancellationToken::new();
+    let server = axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let signal = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!(grace_s = config.shutdown_grace.as_secs(), "shutting down");
+            shutdown.cancel();
+            tokio::time::sleep(config.shutdown_grace).await;
+        }
+    };
+    let code = tokio::select! {
+        result = server => match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(error = %err, "server failed");
+                ExitCode::FAILURE
+            }
+        },
+        () = signal => {
+            tracing::warn!("in-flight requests did not finish before the deadline");
+            ExitCode::SUCCESS
+        }
+    };
+    background.cancel();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    code
+}
+
+fn state_source(config: &Config) -> &'static str {
+    match config.token_mode {
+        fresh_proxy::config::TokenMode::Rotate { .. } => "rotator",
+        fresh_proxy::config::TokenMode::Follow { .. } => "file",
+        fresh_proxy::config::TokenMode::OAuth { .. } => "oauth",
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

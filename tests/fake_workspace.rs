@@ -605,10 +605,10 @@ fn tool_call_of(chunks: &[Value]) -> (Vec<String>, Vec<String>) {
             if let Some(name) = call["function"]["name"].as_str() {
                 names.push(name.to_owned());
             }
-            if let Some(piece) = call["function"]["arguments"].as_str() {
-                if !piece.is_empty() {
-                    argument_pieces.push(piece.to_owned());
-                }
+            if let Some(piece) = call["function"]["arguments"].as_str()
+                && !piece.is_empty()
+            {
+                argument_pieces.push(piece.to_owned());
             }
         }
     }
@@ -914,4 +914,54 @@ fn starts_outside_a_runtime() {
     assert!(workspace.addr().ip().is_loopback());
     assert_ne!(workspace.addr().port(), 0);
     assert!(workspace.url().starts_with("http://127.0.0.1:"));
+}
+
+#[tokio::test]
+async fn delete_and_oauth_faults_and_create_delay() {
+    let workspace = FakeWorkspace::start().await;
+    let bootstrap = workspace.mint(Duration::from_secs(600));
+    let victim = workspace.mint(Duration::from_secs(600));
+
+    workspace.fail_next_deletes(1, 429);
+    let (status, body) = delete_token(&workspace, &bootstrap.value, &victim.id).await;
+    assert_eq!(
+        (status, &body["error_code"]),
+        (429, &json!("REQUEST_LIMIT_EXCEEDED"))
+    );
+    assert!(
+        workspace.is_live(&victim.value),
+        "a failed delete revokes nothing"
+    );
+    assert_eq!(
+        delete_token(&workspace, &bootstrap.value, &victim.id)
+            .await
+            .0,
+        200
+    );
+
+    workspace.set_oauth_client("id", "secret", Duration::from_secs(60));
+    workspace.fail_next_oauth(1, 503);
+    let request_token = || {
+        http_client()
+            .post(format!("{}/oidc/v1/token", workspace.url()))
+            .basic_auth("id", Some("secret"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("grant_type=client_credentials&scope=all-apis")
+            .send()
+    };
+    let (status, body) = status_and_json(request_token().await.unwrap()).await;
+    assert_eq!((status, &body["error"]), (503, &json!("server_error")));
+    assert_eq!(request_token().await.unwrap().status(), 200);
+
+    workspace.set_create_delay(Duration::from_millis(300));
+    let started = Instant::now();
+    let (status, _) = create_token(&workspace, &bootstrap.value, json!({})).await;
+    assert_eq!(status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[test]
+fn handle_is_shareable_across_threads() {
+    fn assert_shareable<T: Clone + Send + Sync + 'static>() {}
+    assert_shareable::<FakeWorkspace>();
 }

@@ -1,14 +1,20 @@
 //! Content filter: pure request, response and SSE rewriting.
 
 mod arguments;
+#[cfg(test)]
+mod proptests;
 mod report;
 mod request;
 mod response;
 mod schema;
+mod sse;
+#[cfg(test)]
+mod test_support;
 
 pub use report::{FilterAction, FilterReport};
 pub use request::{RequestOutcome, sanitize_request, sanitize_request_bytes};
 pub use response::{ToolContext, fix_response, fix_response_bytes};
+pub use sse::{SseLimits, SseRewriter};
 
 /// The placeholder name some served models give every tool call.
 pub const DATABRICKS_TOOL_CALL: &str = "databricks-tool-call";

@@ -79,11 +79,12 @@ fn sanitize_pass(request: &mut Map<String, Value>, report: &mut FilterReport) ->
         report.bump(FilterAction::StreamOptionsRemoved);
         changed = true;
     }
-    if let Some(Value::Array(system)) = request.get_mut("system") {
-        changed |= drop_empty_text(system, report);
+    if let Some(Value::Array(system)) = request.get_mut("system")
+        && drop_empty_text(system, report)
+    {
+        changed = true;
         if system.is_empty() {
             request.remove("system");
-            changed = true;
         }
     }
     if let Some(Value::Array(messages)) = request.get_mut("messages") {
@@ -287,4 +288,282 @@ fn answers(preceding: Option<&Value>, id: &str) -> bool {
                     block.get("type").and_then(Value::as_str) == Some("tool_use") && has_id(block)
                 })
             })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    type Counts = &'static [(&'static str, u64)];
+
+    fn check(input: Value, want: Value, want_report: Counts) {
+        let mut got = input.clone();
+        let report = sanitize_request(&mut got);
+        assert_eq!(got, want, "input: {input}");
+        assert_eq!(
+            report.iter().collect::<Vec<_>>(),
+            want_report,
+            "input: {input}"
+        );
+        let mut again = got.clone();
+        assert!(
+            sanitize_request(&mut again).is_empty(),
+            "idempotent: {input}"
+        );
+        assert_eq!(again, got, "idempotent: {input}");
+    }
+
+    fn messages(list: Value) -> Value {
+        json!({"model": "m", "messages": list})
+    }
+
+    fn text(t: &str) -> Value {
+        json!({"type": "text", "text": t})
+    }
+
+    #[test]
+    fn empty_text_rules() {
+        #[rustfmt::skip]
+        let cases: Vec<(Value, Value, Counts)> = vec![
+            // OpenAI parts: empty and whitespace-only parts go, the rest stays in order.
+            (messages(json!([{"role": "user", "content": [text(""), text("hi"), text(" \n\t"), {"type": "image_url"}]}])),
+             messages(json!([{"role": "user", "content": [text("hi"), {"type": "image_url"}]}])),
+             &[("empty_text_dropped", 2)]),
+            // Anthropic: empty text around thinking (what OpenCode sends) goes, thinking stays.
+            (messages(json!([
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": [text(""), {"type": "thinking", "thinking": "t", "signature": "s"}, text("\n"), text("a")]}])),
+             messages(json!([
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"}, text("a")]}])),
+             &[("empty_text_dropped", 2)]),
+            // A text block without text is empty too.
+            (messages(json!([{"role": "user", "content": [{"type": "text"}, text("x")]}])),
+             messages(json!([{"role": "user", "content": [text("x")]}])),
+             &[("empty_text_dropped", 1)]),
+            // Anthropic system blocks.
+            (json!({"system": [text(" "), text("be brief")], "messages": []}),
+             json!({"system": [text("be brief")], "messages": []}),
+             &[("empty_text_dropped", 1)]),
+            (json!({"system": [text("")], "messages": []}),
+             json!({"messages": []}),
+             &[("empty_text_dropped", 1)]),
+            // Empty text inside a tool_result's content.
+            (messages(json!([
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [text(""), text("out")]}]}])),
+             messages(json!([
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [text("out")]}]}])),
+             &[("empty_text_dropped", 1)]),
+            // Non-empty text, string content: untouched.
+            (messages(json!([{"role": "system", "content": "s"}, {"role": "user", "content": [text(" x ")]}])),
+             messages(json!([{"role": "system", "content": "s"}, {"role": "user", "content": [text(" x ")]}])),
+             &[]),
+        ];
+        for (input, want, report) in cases {
+            check(input, want, report);
+        }
+    }
+
+    #[test]
+    fn empty_message_rules() {
+        let call =
+            json!([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]);
+        #[rustfmt::skip]
+        let cases: Vec<(Value, Value, Counts)> = vec![
+            // Messages left empty go, whatever the role.
+            (messages(json!([{"role": "user", "content": "  "}, {"role": "user", "content": "q"}])),
+             messages(json!([{"role": "user", "content": "q"}])),
+             &[("empty_message_dropped", 1)]),
+            (messages(json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": [text(" ")]}])),
+             messages(json!([{"role": "user", "content": "q"}])),
+             &[("empty_text_dropped", 1), ("empty_message_dropped", 1)]),
+            (messages(json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": null},
+                             {"role": "assistant", "content": []}, {"role": "assistant"}])),
+             messages(json!([{"role": "user", "content": "q"}])),
+             &[("empty_message_dropped", 3)]),
+            // An assistant message with tool calls stays; its empty content becomes null.
+            (messages(json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": call}])),
+             messages(json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": null, "tool_calls": call}])),
+             &[("empty_text_dropped", 1)]),
+            (messages(json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": [text("")], "tool_calls": call}])),
+             messages(json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": null, "tool_calls": call}])),
+             &[("empty_text_dropped", 2)]),
+            (messages(json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": null, "tool_calls": call}])),
+             messages(json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": null, "tool_calls": call}])),
+             &[]),
+            // A tool result is never dropped for being empty: its call would be left unanswered.
+            (messages(json!([{"role": "assistant", "content": null, "tool_calls": call},
+                             {"role": "tool", "tool_call_id": "c1", "content": ""}])),
+             messages(json!([{"role": "assistant", "content": null, "tool_calls": call},
+                             {"role": "tool", "tool_call_id": "c1", "content": ""}])),
+             &[]),
+            // Not an object: left alone.
+            (messages(json!(["raw", {"role": "user", "content": "q"}])),
+             messages(json!(["raw", {"role": "user", "content": "q"}])),
+             &[]),
+        ];
+        for (input, want, report) in cases {
+            check(input, want, report);
+        }
+    }
+
+    #[test]
+    fn orphan_tool_result_rules() {
+        let call = |id: &str| json!([{"id": id, "type": "function", "function": {"name": "f", "arguments": "{}"}}]);
+        let tool_use = |id: &str| json!({"type": "tool_use", "id": id, "name": "f", "input": {}});
+        let result = |id: &str| json!({"type": "tool_result", "tool_use_id": id, "content": "r"});
+        #[rustfmt::skip]
+        let cases: Vec<(Value, Value, Counts)> = vec![
+            // OpenAI: results of the preceding assistant's calls stay, others go.
+            (messages(json!([
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": null, "tool_calls": call("c1")},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+                {"role": "tool", "tool_call_id": "c0", "content": "stale"}])),
+             messages(json!([
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": null, "tool_calls": call("c1")},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"}])),
+             &[("orphan_tool_result_dropped", 1)]),
+            // A result whose call was in an older assistant message (dropped by /compact).
+            (messages(json!([
+                {"role": "assistant", "content": null, "tool_calls": call("c1")},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+                {"role": "assistant", "content": "done"},
+                {"role": "tool", "tool_call_id": "c1", "content": "again"}])),
+             messages(json!([
+                {"role": "assistant", "content": null, "tool_calls": call("c1")},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+                {"role": "assistant", "content": "done"}])),
+             &[("orphan_tool_result_dropped", 1)]),
+            // No assistant message at all.
+            (messages(json!([{"role": "tool", "tool_call_id": "c1", "content": "x"}, {"role": "user", "content": "q"}])),
+             messages(json!([{"role": "user", "content": "q"}])),
+             &[("orphan_tool_result_dropped", 1)]),
+            // Anthropic: orphan blocks go; a user message left empty goes with them.
+            (messages(json!([
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": [text("let me look"), tool_use("t1")]},
+                {"role": "user", "content": [result("t1"), result("t9")]},
+                {"role": "assistant", "content": [text("ok")]},
+                {"role": "user", "content": [result("t1")]},
+                {"role": "user", "content": "next"}])),
+             messages(json!([
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": [text("let me look"), tool_use("t1")]},
+                {"role": "user", "content": [result("t1")]},
+                {"role": "assistant", "content": [text("ok")]},
+                {"role": "user", "content": "next"}])),
+             &[("orphan_tool_result_dropped", 2), ("empty_message_dropped", 1)]),
+            // Cascade: an empty assistant message between a call and its result is dropped
+            // first, so the result then follows its call and stays.
+            (messages(json!([
+                {"role": "assistant", "content": [tool_use("t1")]},
+                {"role": "assistant", "content": [text(" ")]},
+                {"role": "user", "content": [result("t1")]}])),
+             messages(json!([
+                {"role": "assistant", "content": [tool_use("t1")]},
+                {"role": "user", "content": [result("t1")]}])),
+             &[("empty_text_dropped", 1), ("empty_message_dropped", 1)]),
+            // Cascade the other way: the dropped orphan empties its message.
+            (messages(json!([
+                {"role": "assistant", "content": [tool_use("t1")]},
+                {"role": "user", "content": [result("t1"), text("")]},
+                {"role": "assistant", "content": [text("")]},
+                {"role": "user", "content": [result("t2"), text(" ")]},
+                {"role": "user", "content": "q"}])),
+             messages(json!([
+                {"role": "assistant", "content": [tool_use("t1")]},
+                {"role": "user", "content": [result("t1")]},
+                {"role": "user", "content": "q"}])),
+             &[("empty_text_dropped", 3), ("orphan_tool_result_dropped", 1), ("empty_message_dropped", 2)]),
+        ];
+        for (input, want, report) in cases {
+            check(input, want, report);
+        }
+    }
+
+    #[test]
+    fn tools_and_stream_options_rules() {
+        let schema_in = json!({"$schema": "x", "type": "object", "additionalProperties": false,
+            "properties": {"pattern": {"type": "string", "minLength": 1}, "minLength": {"type": "integer"}},
+            "required": ["pattern", "minLength"]});
+        let schema_out = json!({"type": "object",
+            "properties": {"pattern": {"type": "string", "minLength": 1}, "minLength": {"type": "integer"}},
+            "required": ["pattern", "minLength"]});
+        #[rustfmt::skip]
+        let cases: Vec<(Value, Value, Counts)> = vec![
+            (json!({"stream": true, "stream_options": {"include_usage": true}, "messages": []}),
+             json!({"stream": true, "messages": []}),
+             &[("stream_options_removed", 1)]),
+            // OpenAI chat tools. Real properties named pattern and minLength survive.
+            (json!({"tools": [{"type": "function", "function": {"name": "grep", "parameters": schema_in}}]}),
+             json!({"tools": [{"type": "function", "function": {"name": "grep", "parameters": schema_out}}]}),
+             &[("schema_keyword_removed", 2)]),
+            // Anthropic tools.
+            (json!({"tools": [{"name": "grep", "input_schema": schema_in}]}),
+             json!({"tools": [{"name": "grep", "input_schema": schema_out}]}),
+             &[("schema_keyword_removed", 2)]),
+            // OpenAI Responses tools.
+            (json!({"tools": [{"type": "function", "name": "grep", "parameters": schema_in}]}),
+             json!({"tools": [{"type": "function", "name": "grep", "parameters": schema_out}]}),
+             &[("schema_keyword_removed", 2)]),
+            // Anything else under tools is not a schema.
+            (json!({"tools": [{"type": "web_search", "parameters": {"$schema": "x"}}, "raw"]}),
+             json!({"tools": [{"type": "web_search", "parameters": {"$schema": "x"}}, "raw"]}),
+             &[]),
+            // stream_options only at the top level.
+            (messages(json!([{"role": "user", "content": "q", "stream_options": 1}])),
+             messages(json!([{"role": "user", "content": "q", "stream_options": 1}])),
+             &[]),
+        ];
+        for (input, want, report) in cases {
+            check(input, want, report);
+        }
+    }
+
+    #[test]
+    fn not_an_object_is_left_alone() {
+        for mut value in [json!([1, 2]), json!("s"), json!(null), json!(3)] {
+            let before = value.clone();
+            assert!(sanitize_request(&mut value).is_empty());
+            assert_eq!(value, before);
+        }
+    }
+
+    #[test]
+    fn bytes_outcomes() {
+        for body in [
+            &b""[..],
+            b"not json",
+            b"[{\"messages\": []}]",
+            b"{\"messages\": [",
+            b"\xff\xfe{}",
+            b"{\"a\": \"\xff\"}",
+        ] {
+            let outcome = sanitize_request_bytes(body);
+            assert!(outcome.body.is_none(), "{body:?}");
+            assert!(outcome.report.is_empty(), "{body:?}");
+            assert_eq!(outcome.tools, ToolContext::default());
+        }
+
+        let unchanged =
+            br#" {"messages": [{"role": "user", "content": "q"}], "tools": [{"name": "bash", "input_schema": {}}]}"#;
+        let outcome = sanitize_request_bytes(unchanged);
+        assert!(outcome.body.is_none() && outcome.report.is_empty());
+        assert_eq!(outcome.tools.declared().collect::<Vec<_>>(), ["bash"]);
+
+        let changed = br#"{"stream_options": {}, "messages": [{"role": "user", "content": "q"}]}"#;
+        let outcome = sanitize_request_bytes(changed);
+        let body: Value = serde_json::from_slice(&outcome.body.unwrap()).unwrap();
+        assert_eq!(
+            body,
+            json!({"messages": [{"role": "user", "content": "q"}]})
+        );
+        assert_eq!(outcome.report.get(FilterAction::StreamOptionsRemoved), 1);
+    }
 }

@@ -221,7 +221,7 @@ mod tests {
             // Remapped to a declared tool, the rest of the arguments kept as text.
             ((dbx, json!(args), "stop", &declared), ("read_file", rest.clone(), "tool_calls"), both),
             // Fallback without declared tools.
-            ((dbx, json!(args), "stop", &none), ("read_file", rest.clone(), "tool_calls"), both),
+            ((dbx, json!(args), "stop", &none), ("read_file", rest, "tool_calls"), both),
             // A name that no declared tool has is a real argument: not stolen.
             ((dbx, json!(r#"{"name": "Ada"}"#), "stop", &declared),
              (dbx, json!(r#"{"name": "Ada"}"#), "tool_calls"), finish_only),

@@ -29,6 +29,9 @@
 //! assert_eq!(workspace.stats().serving_ok, 1);
 //! ```
 
+// Early HTTP answers travel as `Err(Response)`; their size is irrelevant in a test server.
+#![allow(clippy::result_large_err)]
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::fmt;

@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod fake_workspace;
+pub mod harness;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -1,0 +1,521 @@
+//! Configuration: environment variables (each with a `--kebab-case` flag) validated into a
+//! [`Config`]. Secrets come from the environment or the config file only, never from flags.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use fresh_token::Token;
+use fresh_token::databrickscfg::{self, ConfigFileError, Profile};
+use reqwest::Url;
+
+/// Command line and environment, as clap parses them. Field names are the variables' names, so
+/// each flag is the kebab-case of its variable.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "fresh-proxy", version, about = "Local proxy for Databricks model serving that keeps coding agents on a fresh token", long_about = None)]
+pub struct Cli {
+    /// The INI file shared with the Databricks CLI and SDKs [default: ~/.databrickscfg]
+    #[arg(long, env = "DATABRICKS_CONFIG_FILE", value_name = "PATH")]
+    pub databricks_config_file: Option<PathBuf>,
+    /// The profile (section) holding `host` and `token`
+    #[arg(long, env = "DATABRICKS_CONFIG_PROFILE", default_value = "DEFAULT")]
+    pub databricks_config_profile: String,
+    /// Workspace URL [default: the profile's host]. http:// only for loopback hosts
+    #[arg(long, env = "DATABRICKS_HOST", value_name = "URL")]
+    pub databricks_host: Option<String>,
+    /// OAuth M2M client id (the secret comes from DATABRICKS_CLIENT_SECRET or the profile)
+    #[arg(long, env = "DATABRICKS_CLIENT_ID")]
+    pub databricks_client_id: Option<String>,
+    /// Listen address
+    #[arg(long, env = "PROXY_HOST", default_value = "127.0.0.1")]
+    pub proxy_host: IpAddr,
+    /// Listen port
+    #[arg(long, env = "PROXY_PORT", default_value_t = 4000)]
+    pub proxy_port: u16,
+    /// Upstream base URL; the request path and query are appended [default: {host}/serving-endpoints]
+    #[arg(long, env = "PROXY_UPSTREAM_BASE", value_name = "URL")]
+    pub proxy_upstream_base: Option<String>,
+    /// Allow plain http:// to a non-loopback upstream
+    #[arg(long, env = "PROXY_ALLOW_INSECURE_UPSTREAM", value_parser = parse_flag, default_value = "0", value_name = "0|1")]
+    pub proxy_allow_insecure_upstream: bool,
+    /// Largest request body in bytes; larger bodies get 413
+    #[arg(long, env = "PROXY_MAX_BODY", default_value_t = 32 * 1024 * 1024, value_name = "BYTES")]
+    pub proxy_max_body: usize,
+    /// Seconds to wait for upstream response headers (streams may run longer)
+    #[arg(
+        long,
+        env = "PROXY_UPSTREAM_TIMEOUT",
+        default_value_t = 300,
+        value_name = "SECONDS"
+    )]
+    pub proxy_upstream_timeout: u64,
+    /// Seconds in-flight requests may take to finish after SIGTERM or Ctrl-C
+    #[arg(
+        long,
+        env = "PROXY_SHUTDOWN_GRACE",
+        default_value_t = 30,
+        value_name = "SECONDS"
+    )]
+    pub proxy_shutdown_grace: u64,
+    /// `on` or `off` (follower: read the token from the config file) [default: on when a PAT is available]
+    #[arg(long, env = "PAT_ROTATION", value_enum)]
+    pub pat_rotation: Option<Switch>,
+    /// Seconds: `lifetime_seconds` of each minted token
+    #[arg(
+        long,
+        env = "PAT_TOKEN_LIFETIME",
+        default_value_t = 900,
+        value_name = "SECONDS"
+    )]
+    pub pat_token_lifetime: u64,
+    /// Seconds between rotations while sessions are active; must be below the lifetime
+    #[arg(
+        long,
+        env = "PAT_ROTATION_INTERVAL",
+        default_value_t = 600,
+        value_name = "SECONDS"
+    )]
+    pub pat_rotation_interval: u64,
+    /// With no active sessions: `keepalive` rotates before expiry, `lapse` lets the token expire
+    #[arg(long, env = "PAT_IDLE_POLICY", value_enum, default_value = "keepalive")]
+    pub pat_idle_policy: IdlePolicyArg,
+    /// URL of a JSON document with an integer `active_sessions` [default: proxied traffic counts]
+    #[arg(long, env = "PAT_SESSIONS_URL", value_name = "URL")]
+    pub pat_sessions_url: Option<String>,
+    /// Seconds after the last proxied request that a session counts as active
+    #[arg(
+        long,
+        env = "PAT_IDLE_AFTER",
+        default_value_t = 3600,
+        value_name = "SECONDS"
+    )]
+    pub pat_idle_after: u64,
+    /// Seconds between publishing a new token and revoking the old one
+    #[arg(
+        long,
+        env = "PAT_REVOKE_GRACE",
+        default_value_t = 30,
+        value_name = "SECONDS"
+    )]
+    pub pat_revoke_grace: u64,
+    /// Comment on minted tokens
+    #[arg(long, env = "PAT_COMMENT", default_value = "fresh-proxy-auto-rotated")]
+    pub pat_comment: String,
+    /// Other files that must hold the current token: `;`-separated KIND:PATH:KEY, KIND one of dotenv, json, yaml
+    #[arg(long, env = "PAT_SINKS", value_name = "SPEC")]
+    pub pat_sinks: Option<String>,
+    /// Revoke the bootstrap PAT once a minted one replaces it, where it can be identified safely
+    #[arg(long, env = "PAT_REVOKE_BOOTSTRAP", value_parser = parse_flag, default_value = "0", value_name = "0|1")]
+    pub pat_revoke_bootstrap: bool,
+    /// Log line format
+    #[arg(long, env = "PROXY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// `on` / `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+/// `PAT_IDLE_POLICY` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IdlePolicyArg {
+    /// Rotate before expiry even with no active sessions.
+    Keepalive,
+    /// Let the token expire while idle.
+    Lapse,
+}
+
+/// Log line formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_flag(value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err("expected 1 or 0".to_owned()),
+    }
+}
+
+/// Secrets, read from the environment only.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    /// `DATABRICKS_TOKEN`.
+    pub token: Option<String>,
+    /// `DATABRICKS_CLIENT_SECRET`.
+    pub client_secret: Option<String>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets")
+            .field("token", &self.token.as_ref().map(|_| "****"))
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "****"),
+            )
+            .finish()
+    }
+}
+
+impl Secrets {
+    /// Read `DATABRICKS_TOKEN` and `DATABRICKS_CLIENT_SECRET`; empty values count as unset.
+    pub fn from_env() -> Self {
+        let get = |name| {
+            std::env::var(name)
+                .ok()
+                .filter(|v: &String| !v.trim().is_empty())
+        };
+        Self {
+            token: get("DATABRICKS_TOKEN"),
+            client_secret: get("DATABRICKS_CLIENT_SECRET"),
+        }
+    }
+}
+
+/// How the proxy gets its token.
+#[derive(Clone, Debug)]
+pub enum TokenMode {
+    /// Rotate PATs in this process (one rotator per config file; others follow).
+    Rotate {
+        /// `DATABRICKS_TOKEN`, a bootstrap candidate after a live token minted earlier.
+        env_token: Option<Token>,
+    },
+    /// Follow the config file; another process rotates. `env_token` serves when the file has
+    /// none.
+    Follow {
+        /// `DATABRICKS_TOKEN`, used while the file's profile has no token.
+        env_token: Option<Token>,
+    },
+    /// OAuth M2M client credentials.
+    OAuth {
+        /// Client id.
+        client_id: String,
+        /// Client secret.
+        client_secret: Token,
+    },
+}
+
+/// Rotation settings (`PAT_*`).
+#[derive(Clone, Debug)]
+pub struct RotationSettings {
+    /// `PAT_TOKEN_LIFETIME`.
+    pub lifetime: Duration,
+    /// `PAT_ROTATION_INTERVAL`.
+    pub interval: Duration,
+    /// `PAT_IDLE_POLICY`.
+    pub idle_policy: IdlePolicyArg,
+    /// `PAT_SESSIONS_URL`.
+    pub sessions_url: Option<Url>,
+    /// `PAT_IDLE_AFTER`.
+    pub idle_after: Duration,
+    /// `PAT_REVOKE_GRACE`.
+    pub revoke_grace: Duration,
+    /// `PAT_COMMENT`.
+    pub comment: String,
+    /// `PAT_SINKS`, unparsed.
+    pub sinks: Option<String>,
+    /// `PAT_REVOKE_BOOTSTRAP`.
+    pub revoke_bootstrap: bool,
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The config file.
+    pub config_file: PathBuf,
+    /// The profile in it.
+    pub profile: String,
+    /// Workspace URL, without a trailing slash.
+    pub host: Url,
+    /// Upstream base URL, without a trailing slash.
+    pub upstream_base: Url,
+    /// Largest request body.
+    pub max_body: usize,
+    /// Time to wait for upstream response headers.
+    pub upstream_timeout: Duration,
+    /// Time in-flight requests get after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Where the token comes from.
+    pub token_mode: TokenMode,
+    /// Rotation settings.
+    pub rotation: RotationSettings,
+    /// Log line format.
+    pub log_format: LogFormat,
+}
+
+/// Invalid configuration: one message naming the variable or file and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    pub(crate) fn unsupported() -> Self {
+        Self("PAT_ROTATION: rotation is not available yet".to_owned())
+    }
+
+    /// A problem with the variable `name`.
+    pub fn var(name: &str, problem: impl std::fmt::Display) -> Self {
+        Self(format!("{name}: {problem}"))
+    }
+}
+
+impl Config {
+    /// Validate `cli` and `secrets`, reading the config file. `home` is where `~` points.
+    pub fn load(cli: &Cli, secrets: &Secrets, home: Option<PathBuf>) -> Result<Self, ConfigError> {
+        let config_file = match &cli.databricks_config_file {
+            Some(path) => expand_home(path, home.as_deref()),
+            None => home
+                .map(|home| home.join(".databrickscfg"))
+                .ok_or_else(|| {
+                    ConfigError::var("DATABRICKS_CONFIG_FILE", "not set and HOME is unknown")
+                })?,
+        };
+        let profile_name = cli.databricks_config_profile.trim().to_owned();
+        let profile = match databrickscfg::read_profile(&config_file, &profile_name) {
+            Ok(profile) => Some(profile),
+            Err(ConfigFileError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                None
+            }
+            Err(ConfigFileError::MissingProfile { .. }) => None,
+            Err(err) => return Err(ConfigError(err.to_string())),
+        };
+        let profile = profile.unwrap_or_default();
+
+        let host_text = cli
+            .databricks_host
+            .clone()
+            .filter(|h| !h.trim().is_empty())
+            .or_else(|| profile.host.clone())
+            .ok_or_else(|| {
+                ConfigError::var(
+                    "DATABRICKS_HOST",
+                    format!(
+                        "not set, and profile [{profile_name}] in {} has no host",
+                        config_file.display()
+                    ),
+                )
+            })?;
+        let host = parse_base_url("DATABRICKS_HOST", &host_text, false)?;
+        let upstream_base = match &cli.proxy_upstream_base {
+            Some(base) => parse_base_url(
+                "PROXY_UPSTREAM_BASE",
+                base,
+                cli.proxy_allow_insecure_upstream,
+            )?,
+            None => parse_base_url(
+                "DATABRICKS_HOST",
+                &format!("{}/serving-endpoints", host.as_str().trim_end_matches('/')),
+                false,
+            )?,
+        };
+
+        let env_token = secrets
+            .token
+            .as_deref()
+            .map(Token::new)
+            .transpose()
+            .map_err(|err| ConfigError::var("DATABRICKS_TOKEN", err))?;
+        let token_mode = token_mode(
+            cli,
+            secrets,
+            &profile,
+            env_token,
+            &config_file,
+            &profile_name,
+        )?;
+
+        let lifetime = Duration::from_secs(cli.pat_token_lifetime);
+        let interval = Duration::from_secs(cli.pat_rotation_interval);
+        if matches!(token_mode, TokenMode::Rotate { .. }) {
+            if cli.pat_token_lifetime == 0 {
+                return Err(ConfigError::var("PAT_TOKEN_LIFETIME", "must be above 0"));
+            }
+            if cli.pat_rotation_interval == 0 || interval >= lifetime {
+                return Err(ConfigError::var(
+                    "PAT_ROTATION_INTERVAL",
+                    format!(
+                        "{} s must be above 0 and below PAT_TOKEN_LIFETIME ({} s)",
+                        cli.pat_rotation_interval, cli.pat_token_lifetime
+                    ),
+                ));
+            }
+            if cli.pat_revoke_grace >= cli.pat_token_lifetime {
+                return Err(ConfigError::var(
+                    "PAT_REVOKE_GRACE",
+                    format!(
+                        "{} s must be below PAT_TOKEN_LIFETIME ({} s)",
+                        cli.pat_revoke_grace, cli.pat_token_lifetime
+                    ),
+                ));
+            }
+        }
+        let sessions_url = cli
+            .pat_sessions_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+            .map(|u| Url::parse(u.trim()).map_err(|err| ConfigError::var("PAT_SESSIONS_URL", err)))
+            .transpose()?;
+        if cli.proxy_max_body == 0 {
+            return Err(ConfigError::var("PROXY_MAX_BODY", "must be above 0"));
+        }
+        if cli.proxy_upstream_timeout == 0 {
+            return Err(ConfigError::var(
+                "PROXY_UPSTREAM_TIMEOUT",
+                "must be above 0",
+            ));
+        }
+
+        Ok(Self {
+            listen: SocketAddr::new(cli.proxy_host, cli.proxy_port),
+            config_file,
+            profile: profile_name,
+            host,
+            upstream_base,
+            max_body: cli.proxy_max_body,
+            upstream_timeout: Duration::from_secs(cli.proxy_upstream_timeout),
+            shutdown_grace: Duration::from_secs(cli.proxy_shutdown_grace),
+            token_mode,
+            rotation: RotationSettings {
+                lifetime,
+                interval,
+                idle_policy: cli.pat_idle_policy,
+                sessions_url,
+                idle_after: Duration::from_secs(cli.pat_idle_after),
+                revoke_grace: Duration::from_secs(cli.pat_revoke_grace),
+                comment: cli.pat_comment.clone(),
+                sinks: cli.pat_sinks.clone().filter(|s| !s.trim().is_empty()),
+                revoke_bootstrap: cli.pat_revoke_bootstrap,
+            },
+            log_format: cli.log_format,
+        })
+    }
+}
+
+fn token_mode(
+    cli: &Cli,
+    secrets: &Secrets,
+    profile: &Profile,
+    env_token: Option<Token>,
+    config_file: &std::path::Path,
+    profile_name: &str,
+) -> Result<TokenMode, ConfigError> {
+    let pat_available = env_token.is_some() || profile.token.is_some();
+    let client_id = cli
+        .databricks_client_id
+        .clone()
+        .filter(|id| !id.trim().is_empty())
+        .or_else(|| profile.client_id.clone());
+    let client_secret = match &secrets.client_secret {
+        Some(secret) => Some(
+            Token::new(secret).map_err(|err| ConfigError::var("DATABRICKS_CLIENT_SECRET", err))?,
+        ),
+        None => profile.client_secret.clone(),
+    };
+    match (cli.pat_rotation, pat_available) {
+        (Some(Switch::Off), _) => Ok(TokenMode::Follow { env_token }),
+        (_, true) => Ok(TokenMode::Rotate { env_token }),
+        (Some(Switch::On), false) => Err(ConfigError::var(
+            "PAT_ROTATION",
+            format!(
+                "on, but no PAT to start from: set DATABRICKS_TOKEN or a token in profile [{profile_name}] of {}",
+                config_file.display()
+            ),
+        )),
+        (None, false) => match (client_id, client_secret) {
+            (Some(client_id), Some(client_secret)) => Ok(TokenMode::OAuth {
+                client_id,
+                client_secret,
+            }),
+            (Some(_), None) => Err(ConfigError::var(
+                "DATABRICKS_CLIENT_SECRET",
+                "not set, but DATABRICKS_CLIENT_ID is",
+            )),
+            _ => Err(ConfigError(format!(
+                "no token: profile [{profile_name}] in {} has no token, and neither DATABRICKS_TOKEN nor DATABRICKS_CLIENT_ID/DATABRICKS_CLIENT_SECRET is set",
+                config_file.display()
+            ))),
+        },
+    }
+}
+
+fn expand_home(path: &std::path::Path, home: Option<&std::path::Path>) -> PathBuf {
+    match (path.strip_prefix("~"), home) {
+        (Ok(rest), Some(home)) => home.join(rest),
+        _ => path.to_owned(),
+    }
+}
+
+/// Parse a base URL: `https://`, or `http://` for loopback hosts (or anywhere when
+/// `allow_insecure`). A bare host name gets `https://`, as the Databricks SDKs do.
+fn parse_base_url(var: &str, text: &str, allow_insecure: bool) -> Result<Url, ConfigError> {
+    let text = text.trim();
+    let with_scheme = if text.contains("://") {
+        text.to_owned()
+    } else {
+        format!("https://{text}")
+    };
+    let url = Url::parse(&with_scheme)
+        .map_err(|err| ConfigError::var(var, format!("not a URL ({err})")))?;
+    if url.host().is_none() {
+        return Err(ConfigError::var(var, "URL has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::var(var, "URL must not carry credentials"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ConfigError::var(
+            var,
+            "URL must not have a query or fragment",
+        ));
+    }
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_insecure || is_loopback(&url) => {}
+        "http" => {
+            let hint = if var == "PROXY_UPSTREAM_BASE" {
+                " (set PROXY_ALLOW_INSECURE_UPSTREAM=1 to allow it)"
+            } else {
+                ""
+            };
+            return Err(ConfigError::var(
+                var,
+                format!("plain http:// is only allowed for loopback hosts{hint}"),
+            ));
+        }
+        other => {
+            return Err(ConfigError::var(
+                var,
+                format!("unsupported scheme {other}://"),
+            ));
+        }
+    }
+    // Paths are appended to the base, so keep it without a trailing slash.
+    let trimmed = url.as_str().trim_end_matches('/').to_owned();
+    Url::parse(&trimmed).map_err(|err| ConfigError::var(var, err))
+}
+
+/// Whether `url` points at this machine.
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}

@@ -1,0 +1,485 @@
+//! Property tests: chunking never matters, nothing is lost or duplicated, sanitising settles.
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use super::arguments::{NameScan, scan_name, without};
+use super::test_support::{
+    call_args, call_open, client_view, content_chunk, events, rewrite_chunks,
+};
+use super::{
+    DATABRICKS_TOOL_CALL, FilterAction, SseLimits, ToolContext, sanitize_request,
+    sanitize_request_bytes,
+};
+
+/// Suite time matters more than depth here; the fuzz targets go deeper.
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    }
+}
+
+/// One SSE event of a generated stream, before line ends and `data:` styles are chosen.
+#[derive(Clone, Debug)]
+enum Event {
+    Json(Value),
+    Comment,
+    NotJson(String),
+    Done,
+}
+
+#[derive(Clone, Debug)]
+struct Style {
+    eol: &'static str,
+    space: bool,
+    pretty: bool,
+    fields: bool,
+}
+
+fn style() -> impl Strategy<Value = Style> {
+    (
+        prop_oneof![Just("\n"), Just("\r\n"), Just("\r")],
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(eol, space, pretty, fields)| Style {
+            eol,
+            space,
+            pretty,
+            fields,
+        })
+}
+
+/// Arguments for a `databricks-tool-call`: name first, name last, an undeclared name, or none.
+fn call_arguments() -> impl Strategy<Value = String> {
+    (0..4u8, "[a-z/ ]{0,12}", 0..3u8).prop_map(|(shape, path, tool)| {
+        let tool = ["bash", "read_file", "Ada"][usize::from(tool)];
+        match shape {
+            0 => format!("{{\"name\": \"{tool}\", \"path\": \"{path}\"}}"),
+            1 => format!(
+                "{{\"path\": \"{path}\", \"n\": [1, {{\"name\": \"x\"}}], \"name\": \"{tool}\"}}"
+            ),
+            2 => format!("{{\"name\":\"{tool}\"}}"),
+            _ => format!("{{\"path\": \"{path}\"}}"),
+        }
+    })
+}
+
+/// A chat-completion stream: content, tool calls streamed in fragments (some named
+/// `databricks-tool-call`), comments, non-JSON events, a finish_reason, `[DONE]`, and junk after.
+fn stream_events() -> impl Strategy<Value = Vec<Event>> {
+    let piece = prop_oneof![
+        3 => "[a-z \"\\\\]{0,8}".prop_map(|t| vec![Event::Json(content_chunk(&t))]),
+        1 => Just(vec![Event::Comment]),
+        1 => "[a-z:]{0,6}".prop_map(|t| vec![Event::NotJson(t)]),
+        3 => (call_arguments(), prop::collection::vec(0..40usize, 0..6), any::<bool>())
+            .prop_map(|(args, cuts, placeholder)| {
+                let mut cuts: Vec<usize> = cuts
+                    .into_iter()
+                    .map(|c| c.min(args.len()))
+                    .filter(|&c| args.is_char_boundary(c))
+                    .collect();
+                cuts.push(0);
+                cuts.push(args.len());
+                cuts.sort_unstable();
+                cuts.dedup();
+                let name = if placeholder { DATABRICKS_TOOL_CALL } else { "bash" };
+                // Each piece of the stream uses its own tool index, given later.
+                let mut events = vec![Event::Json(call_open(0, name, &args[..cuts[1]]))];
+                for pair in cuts[1..].windows(2) {
+                    events.push(Event::Json(call_args(0, &args[pair[0]..pair[1]])));
+                }
+                events
+            }),
+    ];
+    (
+        prop::collection::vec(piece, 0..6),
+        prop_oneof![Just("stop"), Just("length"), Just("tool_calls")],
+        any::<bool>(),
+    )
+        .prop_map(|(pieces, reason, done)| {
+            let mut events = Vec::new();
+            for (t, piece) in pieces.into_iter().enumerate() {
+                for mut event in piece {
+                    if let Event::Json(value) = &mut event
+                        && let Some(call) = value.pointer_mut("/choices/0/delta/tool_calls/0")
+                    {
+                        call["index"] = json!(t);
+                        if call.get("id").is_some() {
+                            call["id"] = json!(format!("call_{t}"));
+                        }
+                    }
+                    events.push(event);
+                }
+            }
+            events.push(Event::Json(json!({"choices": [
+                {"index": 0, "delta": {}, "finish_reason": reason}]})));
+            if done {
+                events.push(Event::Done);
+                events.push(Event::Json(content_chunk("after done")));
+            }
+            events
+        })
+}
+
+fn render_stream(events: &[Event], styles: &[Style]) -> Vec<u8> {
+    let mut out = String::new();
+    for (i, event) in events.iter().enumerate() {
+        let style = &styles[i % styles.len()];
+        let eol = style.eol;
+        let data = if style.space { "data: " } else { "data:" };
+        if style.fields {
+            out += &format!("event: chunk{eol}id: {i}{eol}");
+        }
+        match event {
+            Event::Json(value) if style.pretty => {
+                for line in serde_json::to_string_pretty(value).unwrap().lines() {
+                    out += &format!("{data}{line}{eol}");
+                }
+            }
+            Event::Json(value) => out += &format!("{data}{value}{eol}"),
+            Event::Comment => out += &format!(": ping{eol}"),
+            Event::NotJson(text) => out += &format!("{data}{text}{eol}"),
+            Event::Done => out += &format!("{data}[DONE]{eol}"),
+        }
+        out += eol;
+    }
+    out.into_bytes()
+}
+
+fn split_at_points<'a>(input: &'a [u8], points: &[usize]) -> Vec<&'a [u8]> {
+    let mut points: Vec<usize> = points.iter().map(|p| p % (input.len() + 1)).collect();
+    points.sort_unstable();
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    for p in points {
+        chunks.push(&input[start..p]);
+        start = p;
+    }
+    chunks.push(&input[start..]);
+    chunks
+}
+
+fn limits() -> impl Strategy<Value = SseLimits> {
+    prop_oneof![
+        2 => Just(SseLimits::default()),
+        1 => (1..6usize, 100..800usize, 80..400usize).prop_map(|(events, bytes, event)| SseLimits {
+            max_held_events: events,
+            max_held_bytes: bytes,
+            max_event_bytes: event,
+        }),
+    ]
+}
+
+fn tools() -> impl Strategy<Value = ToolContext> {
+    prop_oneof![
+        Just(ToolContext::default()),
+        Just(ToolContext::new(["bash", "read_file"])),
+        Just(ToolContext::new([DATABRICKS_TOOL_CALL, "bash"])),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+
+    #[test]
+    fn any_chunking_gives_the_same_output(
+        events in stream_events(),
+        styles in prop::collection::vec(style(), 1..4),
+        points in prop::collection::vec(any::<usize>(), 0..8),
+        tools in tools(),
+        limits in limits(),
+    ) {
+        let input = render_stream(&events, &styles);
+        let whole = rewrite_chunks(&[&input], &tools, limits);
+        let chunks = split_at_points(&input, &points);
+        let split = rewrite_chunks(&chunks, &tools, limits);
+        prop_assert_eq!(String::from_utf8_lossy(&split.0), String::from_utf8_lossy(&whole.0));
+        prop_assert_eq!(split.1, whole.1);
+    }
+
+    #[test]
+    fn no_event_is_lost_or_duplicated(
+        pieces in stream_events(),
+        styles in prop::collection::vec(style(), 1..4),
+        tools in tools(),
+        limits in limits(),
+    ) {
+        let input = render_stream(&pieces, &styles);
+        let (output, report) = rewrite_chunks(&[&input], &tools, limits);
+        // Every event that goes out is one JSON document (client_view checks), or [DONE].
+        let before = client_view(&input);
+        let after = client_view(&output);
+        prop_assert_eq!(&after.text, &before.text);
+        prop_assert_eq!(after.done, before.done);
+        prop_assert_eq!(after.after_done, 0);
+        prop_assert_eq!(after.renamed, 0);
+        prop_assert_eq!(after.calls.len(), before.calls.len());
+        let mut remapped = 0;
+        for (key, (name, args)) in &before.calls {
+            let (out_name, out_args) = &after.calls[key];
+            if out_name == name {
+                prop_assert_eq!(out_args, args);
+            } else {
+                remapped += 1;
+                prop_assert_eq!(name.as_str(), DATABRICKS_TOOL_CALL);
+                let NameScan::Found { name: real, cut } = scan_name(args) else {
+                    return Err(TestCaseError::fail(format!("remapped without a name: {args}")));
+                };
+                prop_assert_eq!(out_name, &real);
+                prop_assert_eq!(out_args, &without(args, cut));
+            }
+        }
+        prop_assert_eq!(report.get(FilterAction::ToolNameRemapped), remapped);
+        // Comments, and events that are not JSON, all arrive, in order; none after [DONE].
+        let others = |stream: &[u8]| {
+            let events = events(stream);
+            let end = events.iter().position(|e| e == b"[DONE]").map_or(events.len(), |p| p + 1);
+            events[..end]
+                .iter()
+                .filter(|e| serde_json::from_slice::<Value>(e).is_err())
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        prop_assert_eq!(others(&output), others(&input));
+        let comments = |stream: &[u8], upto: Option<usize>| {
+            let text = String::from_utf8_lossy(stream);
+            let end = upto.unwrap_or(text.len());
+            text[..end].matches(": ping").count()
+        };
+        let input_done = String::from_utf8_lossy(&input).find("[DONE]");
+        prop_assert_eq!(comments(&output, None), comments(&input, input_done));
+        // With nothing to fix, the output is the input byte for byte, up to [DONE].
+        if report.is_empty() {
+            if input_done.is_some() {
+                let body = output.trim_ascii_end();
+                let tail = &output[body.len()..];
+                prop_assert!(input.starts_with(&output));
+                prop_assert!(body.ends_with(b"[DONE]"));
+                prop_assert!(matches!(tail, b"\n\n" | b"\r\r" | b"\r\n\r\n"), "{:?}", tail);
+            } else {
+                prop_assert_eq!(&output, &input);
+            }
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_chunking_never_matters(
+        input in prop::collection::vec(
+            prop_oneof![
+                4 => prop::sample::select(b"data: {}[]\"\r\n:tool_calls,stop".to_vec()),
+                1 => any::<u8>(),
+            ],
+            0..300,
+        ),
+        points in prop::collection::vec(any::<usize>(), 0..6),
+        limits in limits(),
+    ) {
+        let tools = ToolContext::default();
+        let whole = rewrite_chunks(&[&input], &tools, limits);
+        let split = rewrite_chunks(&split_at_points(&input, &points), &tools, limits);
+        prop_assert_eq!(split, whole);
+    }
+}
+
+fn text_block() -> impl Strategy<Value = Value> {
+    prop_oneof![Just(""), Just(" \n"), Just("hi")].prop_map(|t| json!({"type": "text", "text": t}))
+}
+
+fn block() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        3 => text_block(),
+        2 => (0..3u8).prop_map(|i| json!({"type": "tool_use", "id": format!("t{i}"), "name": "f", "input": {}})),
+        2 => ((0..3u8), prop::collection::vec(text_block(), 0..3)).prop_map(|(i, content)| {
+            json!({"type": "tool_result", "tool_use_id": format!("t{i}"), "content": content})
+        }),
+        1 => Just(json!({"type": "thinking", "thinking": "hmm", "signature": "s"})),
+        1 => Just(json!({"type": "image", "source": {}})),
+    ]
+}
+
+fn message() -> impl Strategy<Value = Value> {
+    let content = prop_oneof![
+        Just(Value::Null),
+        prop_oneof![Just(""), Just("  "), Just("text")].prop_map(|t| json!(t)),
+        prop::collection::vec(block(), 0..4).prop_map(Value::Array),
+    ];
+    let calls = prop::collection::vec(0..3u8, 0..3).prop_map(|ids| {
+        ids.into_iter()
+            .map(|i| json!({"id": format!("t{i}"), "type": "function", "function": {"name": "f", "arguments": "{}"}}))
+            .collect::<Vec<_>>()
+    });
+    (0..4u8, content, calls, 0..3u8).prop_map(|(role, content, calls, id)| match role {
+        0 => json!({"role": "user", "content": content}),
+        1 if calls.is_empty() => json!({"role": "assistant", "content": content}),
+        1 => json!({"role": "assistant", "content": content, "tool_calls": calls}),
+        2 => json!({"role": "tool", "tool_call_id": format!("t{id}"), "content": "out"}),
+        _ => json!({"role": "system", "content": content}),
+    })
+}
+
+/// Schemas with keywords in schema position and as property names.
+fn schema() -> impl Strategy<Value = Value> {
+    let names = prop::sample::select(vec![
+        "path",
+        "pattern",
+        "minLength",
+        "additionalProperties",
+        "$schema",
+        "$id",
+        "items",
+    ]);
+    let leaf = prop_oneof![
+        Just(json!({"type": "string", "pattern": "^a", "minLength": 1})),
+        Just(json!({"type": "integer", "$comment": "c"})),
+        Just(json!(true)),
+    ];
+    leaf.prop_recursive(3, 24, 4, move |inner| {
+        let names = names.clone();
+        prop_oneof![
+            (
+                prop::collection::btree_map(names, inner.clone(), 0..4),
+                any::<bool>(),
+                any::<bool>()
+            )
+                .prop_map(|(properties, extra, strict)| {
+                    let required: Vec<&str> = properties
+                        .keys()
+                        .copied()
+                        .chain(extra.then_some("ghost"))
+                        .collect();
+                    let mut schema =
+                        json!({"type": "object", "properties": properties, "required": required});
+                    if strict {
+                        schema["additionalProperties"] = json!(false);
+                        schema["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
+                    }
+                    schema
+                }),
+            inner
+                .clone()
+                .prop_map(|items| json!({"type": "array", "items": items, "$id": "x"})),
+            prop::collection::vec(inner, 1..3)
+                .prop_map(|any_of| json!({"anyOf": any_of, "default": {"$id": 1}})),
+        ]
+    })
+}
+
+fn request() -> impl Strategy<Value = Value> {
+    (
+        prop::collection::vec(message(), 0..8),
+        prop::collection::vec(schema(), 0..3),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(messages, schemas, anthropic, stream_options)| {
+            let tools: Vec<Value> = schemas
+                .into_iter()
+                .enumerate()
+                .map(|(i, schema)| {
+                    if anthropic {
+                        json!({"name": format!("tool{i}"), "input_schema": schema})
+                    } else {
+                        json!({"type": "function", "function": {"name": format!("tool{i}"), "parameters": schema}})
+                    }
+                })
+                .collect();
+            let mut request = json!({"model": "m", "messages": messages, "tools": tools});
+            if stream_options {
+                request["stream_options"] = json!({"include_usage": true});
+            }
+            request
+        })
+}
+
+/// Every property name in schema position, with its path.
+fn property_names(schema: &Value, path: &str, names: &mut Vec<String>) {
+    let Some(map) = schema.as_object() else {
+        return;
+    };
+    if let Some(Value::Object(properties)) = map.get("properties") {
+        for (name, sub) in properties {
+            let path = format!("{path}/{name}");
+            names.push(path.clone());
+            property_names(sub, &path, names);
+        }
+    }
+    if let Some(items) = map.get("items") {
+        property_names(items, &format!("{path}[]"), names);
+    }
+    for (i, sub) in map
+        .get("anyOf")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        property_names(sub, &format!("{path}|{i}"), names);
+    }
+}
+
+fn all_property_names(request: &Value) -> Vec<String> {
+    let mut names = Vec::new();
+    for tool in request["tools"].as_array().into_iter().flatten() {
+        let schema = tool
+            .get("input_schema")
+            .unwrap_or(&tool["function"]["parameters"]);
+        property_names(schema, "", &mut names);
+    }
+    names
+}
+
+proptest! {
+    #![proptest_config(config(128))]
+
+    #[test]
+    fn sanitising_settles_and_keeps_properties(original in request()) {
+        let mut once = original.clone();
+        let report = sanitize_request(&mut once);
+        prop_assert_eq!(report.is_empty(), once == original);
+        let mut twice = once.clone();
+        prop_assert!(sanitize_request(&mut twice).is_empty());
+        prop_assert_eq!(&twice, &once);
+        prop_assert_eq!(all_property_names(&once), all_property_names(&original));
+        prop_assert!(once.get("stream_options").is_none());
+
+        // Whatever the text rules left, no empty text and no empty non-tool message remains.
+        for message in once["messages"].as_array().unwrap() {
+            if message["role"] != "tool" {
+                let has_calls = message.get("tool_calls").is_some();
+                let empty = match &message["content"] {
+                    Value::String(t) => t.trim().is_empty(),
+                    Value::Array(blocks) => blocks.is_empty(),
+                    _ => true,
+                };
+                prop_assert!(!empty || has_calls, "{}", message);
+            }
+            for block in message["content"].as_array().into_iter().flatten() {
+                if block["type"] == "text" {
+                    prop_assert!(!block["text"].as_str().unwrap().trim().is_empty());
+                }
+            }
+        }
+
+        let bytes = serde_json::to_vec(&original).unwrap();
+        let outcome = sanitize_request_bytes(&bytes);
+        prop_assert_eq!(&outcome.report, &report);
+        match outcome.body {
+            None => prop_assert!(report.is_empty()),
+            Some(body) => {
+                let parsed: Value = serde_json::from_slice(&body).unwrap();
+                prop_assert_eq!(parsed, once);
+            }
+        }
+    }
+
+    #[test]
+    fn sanitising_bytes_never_panics(body in prop::collection::vec(any::<u8>(), 0..200)) {
+        let outcome = sanitize_request_bytes(&body);
+        if let Some(new_body) = outcome.body {
+            prop_assert!(serde_json::from_slice::<Value>(&new_body).is_ok());
+        }
+    }
+}

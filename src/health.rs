@@ -1,0 +1,84 @@
+//! `/health`, `/ready` and `/metrics`.
+
+use std::time::SystemTime;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use http::header::CONTENT_TYPE;
+use serde_json::json;
+
+use crate::AppState;
+use crate::status::{TokenState, TokenStatus};
+
+/// The token's status as it is now: the published snapshot, with presence and expiry taken
+/// from the token the proxy would inject.
+fn token_status(app: &AppState) -> TokenStatus {
+    let mut status = (*app.status.get()).clone();
+    let token = app.source.current();
+    status.present = token.is_some();
+    if status.expires_at.is_none() {
+        status.expires_at = token.and_then(|t| t.expires_at());
+    }
+    status
+}
+
+fn rfc3339(at: Option<SystemTime>) -> Option<String> {
+    at.map(|at| humantime::format_rfc3339_seconds(at).to_string())
+}
+
+/// `GET /health`: always 200 while the process runs; never a token value.
+pub(crate) async fn health(State(app): State<AppState>) -> Json<serde_json::Value> {
+    let now = SystemTime::now();
+    let status = token_status(&app);
+    let state = status.state_at(now);
+    let overall = match state {
+        TokenState::Fresh | TokenState::Expiring => "ok",
+        TokenState::Expired | TokenState::Missing => "degraded",
+    };
+    Json(json!({
+        "status": overall,
+        "upstream": app.forwarder.upstream_base.as_str(),
+        "token": {
+            "source": status.source,
+            "state": state,
+            "expires_in_s": status.expires_in_s(now),
+            "last_rotation": rfc3339(status.last_rotation),
+            "rotations": status.rotations,
+            "rotating": status.rotating,
+        },
+    }))
+}
+
+/// `GET /ready`: 200 while a usable, unexpired token is held, else 503 with a reason.
+pub(crate) async fn ready(State(app): State<AppState>) -> Response {
+    let now = SystemTime::now();
+    let status = token_status(&app);
+    let reason = match status.state_at(now) {
+        TokenState::Fresh | TokenState::Expiring => {
+            return Json(json!({ "status": "ready" })).into_response();
+        }
+        TokenState::Missing => "no token is available",
+        TokenState::Expired => "the token has expired",
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "status": "not_ready", "reason": reason })),
+    )
+        .into_response()
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub(crate) async fn metrics(State(app): State<AppState>) -> Response {
+    let status = token_status(&app);
+    let text = app.metrics.render(status.expires_in_s(SystemTime::now()));
+    (
+        [(
+            CONTENT_TYPE,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response()
+}

@@ -1,0 +1,176 @@
+//! Prometheus metrics, served as text at `/metrics`.
+
+use std::fmt;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// Every metric the proxy exports. Cheap to clone: all handles are shared.
+#[derive(Clone)]
+pub struct Metrics {
+    requests: Family<ClassLabel, Counter>,
+    upstream_latency: Histogram,
+    retries: Counter,
+    rotations: Family<ResultLabel, Counter>,
+    token_expiry: Gauge,
+    filter_actions: Family<KindLabel, Counter>,
+    registry: std::sync::Arc<Registry>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh set of metrics, registered under the `fresh_proxy` prefix.
+    pub fn new() -> Self {
+        let requests = Family::<ClassLabel, Counter>::default();
+        let upstream_latency = Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        let retries = Counter::default();
+        let rotations = Family::<ResultLabel, Counter>::default();
+        let token_expiry = Gauge::default();
+        let filter_actions = Family::<KindLabel, Counter>::default();
+        let mut registry = Registry::with_prefix("fresh_proxy");
+        registry.register(
+            "requests",
+            "Proxied requests by response status class",
+            requests.clone(),
+        );
+        registry.register(
+            "upstream_latency_seconds",
+            "Time until upstream response headers",
+            upstream_latency.clone(),
+        );
+        registry.register(
+            "retries",
+            "Requests replayed once with a refreshed token after a 401 or 403",
+            retries.clone(),
+        );
+        registry.register(
+            "rotations",
+            "Token rotations (and OAuth refreshes) by result",
+            rotations.clone(),
+        );
+        registry.register(
+            "token_seconds_to_expiry",
+            "Seconds until the current token expires (negative once expired)",
+            token_expiry.clone(),
+        );
+        registry.register(
+            "filter_actions",
+            "Content filter changes by kind",
+            filter_actions.clone(),
+        );
+        Self {
+            requests,
+            upstream_latency,
+            retries,
+            rotations,
+            token_expiry,
+            filter_actions,
+            registry: std::sync::Arc::new(registry),
+        }
+    }
+
+    /// Count a response by its status class (`2xx`, `4xx`, ...).
+    pub fn request(&self, status: u16) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests.get_or_create(&ClassLabel { class }).inc();
+    }
+
+    /// Record how long the upstream took to send response headers.
+    pub fn upstream_latency(&self, seconds: f64) {
+        self.upstream_latency.observe(seconds);
+    }
+
+    /// Count one retry after an upstream 401 or 403.
+    pub fn retry(&self) {
+        self.retries.inc();
+    }
+
+    /// Count one rotation attempt by `result` (`ok`, `refused`, `failed`, ...).
+    pub fn rotation(&self, result: &'static str) {
+        self.rotations.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Count `count` filter changes of `kind`.
+    pub fn filter_action(&self, kind: &'static str, count: u64) {
+        self.filter_actions
+            .get_or_create(&KindLabel { kind })
+            .inc_by(count);
+    }
+
+    /// Prometheus text exposition, with the token gauge set to `seconds_to_expiry`.
+    pub fn render(&self, seconds_to_expiry: Option<i64>) -> String {
+        self.token_expiry.set(seconds_to_expiry.unwrap_or(0));
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_reports_what_was_counted() {
+        let metrics = Metrics::new();
+        metrics.request(200);
+        metrics.request(204);
+        metrics.request(503);
+        metrics.retry();
+        metrics.rotation("ok");
+        metrics.filter_action("empty_text_dropped", 3);
+        metrics.upstream_latency(0.004);
+        let text = metrics.render(Some(812));
+        for line in [
+            "fresh_proxy_requests_total{class=\"2xx\"} 2",
+            "fresh_proxy_requests_total{class=\"5xx\"} 1",
+            "fresh_proxy_retries_total 1",
+            "fresh_proxy_rotations_total{result=\"ok\"} 1",
+            "fresh_proxy_filter_actions_total{kind=\"empty_text_dropped\"} 3",
+            "fresh_proxy_token_seconds_to_expiry 812",
+            "fresh_proxy_upstream_latency_seconds_count 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}

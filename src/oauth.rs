@@ -1,0 +1,1 @@
+//! OAuth M2M (service principal) tokens.

@@ -1,0 +1,99 @@
+//! Which headers cross the proxy.
+
+use http::header::{self, HeaderMap, HeaderName};
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1), including every `Proxy-*` header.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
+    ) || name.as_str().starts_with("proxy-")
+}
+
+/// Request headers to send upstream: everything but hop-by-hop headers, headers the
+/// `Connection` header names, and those the client library sets itself (`Host`,
+/// `Content-Length`, `Accept-Encoding`, `Expect`). `Authorization` stays: it is the injected
+/// token by now.
+pub fn upstream_request_headers(incoming: &HeaderMap) -> HeaderMap {
+    let mut out = filtered(incoming);
+    for name in [
+        header::HOST,
+        header::CONTENT_LENGTH,
+        header::ACCEPT_ENCODING,
+        header::EXPECT,
+    ] {
+        out.remove(name);
+    }
+    out
+}
+
+/// Response headers to send to the client: everything but hop-by-hop headers and headers the
+/// `Connection` header names.
+pub fn client_response_headers(upstream: &HeaderMap) -> HeaderMap {
+    filtered(upstream)
+}
+
+fn filtered(headers: &HeaderMap) -> HeaderMap {
+    let named_by_connection: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if !is_hop_by_hop(name) && !named_by_connection.contains(name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic abc"),
+            ("proxy-foo", "bar"),
+            ("x-private", "named by connection"),
+            ("host", "127.0.0.1:4000"),
+            ("content-length", "12"),
+            ("accept-encoding", "br"),
+            ("content-type", "application/json"),
+            ("x-custom", "kept"),
+            ("authorization", "Bearer injected"),
+        ] {
+            headers.append(name, value.parse().unwrap());
+        }
+        let up = upstream_request_headers(&headers);
+        let mut kept: Vec<_> = up.keys().map(|k| k.as_str()).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["authorization", "content-type", "x-custom"]);
+
+        let down = client_response_headers(&headers);
+        let mut kept: Vec<_> = down.keys().map(|k| k.as_str()).collect();
+        kept.sort_unstable();
+        assert_eq!(
+            kept,
+            [
+                "accept-encoding",
+                "authorization",
+                "content-length",
+                "content-type",
+                "host",
+                "x-custom"
+            ]
+        );
+    }
+}

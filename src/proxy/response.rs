@@ -1,0 +1,172 @@
+//! Relaying the upstream answer: SSE streams through the rewriter, JSON bodies through the
+//! response fixer, everything else streamed as it is.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::stream::{self, BoxStream, StreamExt};
+use http::HeaderValue;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+
+use super::error::ProxyError;
+use super::headers::client_response_headers;
+use crate::filter::{self, FilterReport, SseLimits, SseRewriter, ToolContext};
+use crate::metrics::Metrics;
+
+/// JSON bodies up to this size are read whole and fixed; larger ones stream through unchanged.
+const MAX_FIXED_JSON: usize = 16 * 1024 * 1024;
+
+/// Turn the upstream response into the client's.
+pub(super) async fn relay(
+    upstream: reqwest::Response,
+    tools: ToolContext,
+    metrics: &Metrics,
+    read_timeout: Duration,
+) -> Result<Response, ProxyError> {
+    let status = upstream.status();
+    let mut headers = client_response_headers(upstream.headers());
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+
+    let body = if content_type == "text/event-stream" {
+        headers.remove(CONTENT_LENGTH);
+        sse_body(upstream.bytes_stream().boxed(), tools, metrics.clone())
+    } else if content_type == "application/json"
+        && upstream
+            .content_length()
+            .is_none_or(|n| n as usize <= MAX_FIXED_JSON)
+    {
+        let bytes = read_json(upstream, read_timeout).await?;
+        let (fixed, report) = filter::fix_response_bytes(&bytes, &tools);
+        record(metrics, &report);
+        let bytes = fixed.map_or(bytes, Bytes::from);
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        Body::from(bytes)
+    } else {
+        Body::from_stream(upstream.bytes_stream())
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = status;
+    *res.headers_mut() = headers;
+    Ok(res)
+}
+
+async fn read_json(
+    upstream: reqwest::Response,
+    read_timeout: Duration,
+) -> Result<Bytes, ProxyError> {
+    let read = async {
+        let mut body = Vec::new();
+        let mut chunks = upstream.bytes_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|err| {
+                tracing::warn!(error = %err.without_url(), "upstream body broke off");
+                ProxyError::UpstreamUnreachable
+            })?;
+            body.extend_from_slice(&chunk);
+            if body.len() > MAX_FIXED_JSON {
+                tracing::warn!(
+                    limit = MAX_FIXED_JSON,
+                    "upstream JSON body too large to fix"
+                );
+                return Err(ProxyError::UpstreamUnreachable);
+            }
+        }
+        Ok(Bytes::from(body))
+    };
+    tokio::time::timeout(read_timeout, read)
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout)?
+}
+
+fn record(metrics: &Metrics, report: &FilterReport) {
+    for (kind, count) in report.iter() {
+        metrics.filter_action(kind, count);
+    }
+}
+
+struct SseState {
+    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    rewriter: SseRewriter,
+    metrics: Metrics,
+}
+
+impl SseState {
+    /// End of stream (clean or not): flush what the rewriter holds and count its changes.
+    fn finish(mut self, error: Option<&reqwest::Error>) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.rewriter.finish(&mut out);
+        record(&self.metrics, self.rewriter.report());
+        if let Some(err) = error {
+            tracing::warn!(error = %without_url_text(err), "upstream stream broke off");
+            if !out.is_empty() && !out.ends_with(b"\n\n") {
+                out.extend_from_slice(b"\n\n");
+            }
+            // The client gets a well-formed event saying why, then a clean end of stream.
+            out.extend_from_slice(
+                b"event: error\ndata: {\"error\":{\"type\":\"upstream_unreachable\",\"message\":\"the upstream stream broke off\"}}\n\n",
+            );
+        }
+        out
+    }
+}
+
+fn without_url_text(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    if let Some(url) = err.url() {
+        text = text.replace(url.as_str(), "<upstream>");
+    }
+    text
+}
+
+/// The SSE body: events that need no change go out as soon as they are complete; nothing
+/// follows `[DONE]`; an upstream failure ends the stream with an `error` event.
+fn sse_body(
+    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    tools: ToolContext,
+    metrics: Metrics,
+) -> Body {
+    let state = SseState {
+        upstream,
+        rewriter: SseRewriter::new(tools, SseLimits::default()),
+        metrics,
+    };
+    let events = stream::unfold(Some(state), |state| async move {
+        let mut state = state?;
+        loop {
+            match state.upstream.next().await {
+                Some(Ok(chunk)) => {
+                    let mut out = Vec::new();
+                    state.rewriter.push(&chunk, &mut out);
+                    if state.rewriter.is_done() {
+                        out.extend(state.finish(None));
+                        return Some((Ok::<_, std::convert::Infallible>(Bytes::from(out)), None));
+                    }
+                    if !out.is_empty() {
+                        return Some((Ok(Bytes::from(out)), Some(state)));
+                    }
+                }
+                Some(Err(err)) => {
+                    let out = state.finish(Some(&err));
+                    return Some((Ok(Bytes::from(out)), None));
+                }
+                None => {
+                    let out = state.finish(None);
+                    return (!out.is_empty()).then(|| (Ok(Bytes::from(out)), None));
+                }
+            }
+        }
+    });
+    Body::from_stream(events)
+}

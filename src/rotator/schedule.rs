@@ -1,0 +1,549 @@
+//! The rotation decision: pure functions of `now` and what the rotator knows, no I/O.
+//!
+//! [`next_action`] is the whole rule; `docs/ROTATION.md` states it in prose. Everything is in
+//! wall-clock time ([`SystemTime`]) because a token's expiry is an absolute instant.
+
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+/// What to do when no session is active.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IdlePolicy {
+    /// Keep the token alive: rotate before it expires even with nobody using it.
+    #[default]
+    Keepalive,
+    /// Let the token expire, report it, and wait for a new token in the config file.
+    Lapse,
+}
+
+impl FromStr for IdlePolicy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "keepalive" => Ok(Self::Keepalive),
+            "lapse" => Ok(Self::Lapse),
+            other => Err(format!(
+                "unknown idle policy {other:?}: expected `keepalive` or `lapse`"
+            )),
+        }
+    }
+}
+
+/// Whether anyone is using the proxy, as far as the session probe can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sessions {
+    /// At least one session is active.
+    Active,
+    /// No session is active.
+    Idle,
+    /// The probe could not tell (sessions URL unreachable). Treated as [`Sessions::Active`]:
+    /// an unneeded rotation costs one API call, a lapsed token costs a user their session.
+    Unknown,
+}
+
+impl Sessions {
+    fn active(self) -> bool {
+        !matches!(self, Self::Idle)
+    }
+}
+
+/// The fixed parameters of the schedule, derived from `PAT_TOKEN_LIFETIME`,
+/// `PAT_ROTATION_INTERVAL` and `PAT_IDLE_POLICY`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RotationPlan {
+    /// Lifetime of each minted token.
+    pub lifetime: Duration,
+    /// Time between rotations while sessions are active.
+    pub interval: Duration,
+    /// What to do while no session is active.
+    pub idle_policy: IdlePolicy,
+    /// `lifetime - interval`: a rotation is due at the latest this long before expiry, which
+    /// leaves this much time for retries.
+    pub margin: Duration,
+    /// A token with less than this left is treated as dead: no API call is made with it, so a
+    /// request in flight cannot outlive it.
+    pub guard: Duration,
+    /// Delays between failed attempts.
+    pub backoff: Backoff,
+}
+
+impl RotationPlan {
+    /// The plan for these settings. `interval` must be below `lifetime` (the binary checks
+    /// this at start); if it is not, the margin is taken as a tenth of the lifetime.
+    pub fn new(lifetime: Duration, interval: Duration, idle_policy: IdlePolicy) -> Self {
+        let margin = match lifetime.checked_sub(interval) {
+            Some(margin) if !margin.is_zero() => margin,
+            _ => lifetime / 10,
+        };
+        Self {
+            lifetime,
+            interval,
+            idle_policy,
+            margin,
+            guard: (margin / 4).min(Duration::from_secs(2)),
+            backoff: Backoff {
+                base: (margin / 32).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+                cap: (margin / 4).clamp(Duration::from_millis(10), Duration::from_secs(60)),
+            },
+        }
+    }
+
+    /// Whether `expires_at` leaves too little time for an API call at `now`.
+    pub fn is_dead_at(&self, expires_at: Option<SystemTime>, now: SystemTime) -> bool {
+        expires_at.is_some_and(|at| at <= now + self.guard)
+    }
+}
+
+/// What the rotator knows about the token it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldToken {
+    /// When it was minted, or adopted if it was not minted here.
+    pub obtained_at: SystemTime,
+    /// When it expires, if known.
+    pub expires_at: Option<SystemTime>,
+    /// Known to be refused by the API (revoked, or its owner lost access).
+    pub dead: bool,
+}
+
+/// A token that this proxy minted and will revoke once `due`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingRevoke {
+    /// Token id.
+    pub token_id: String,
+    /// When to revoke it: publication of its successor plus `PAT_REVOKE_GRACE`.
+    pub due: SystemTime,
+    /// When it expires by itself, if known. Past that, there is nothing to revoke.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// Everything [`next_action`] looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct ScheduleState<'a> {
+    /// The token held now, if any.
+    pub token: Option<HeldToken>,
+    /// The session probe's answer.
+    pub sessions: Sessions,
+    /// After a failed mint: not before this instant.
+    pub retry_at: Option<SystemTime>,
+    /// Tokens waiting to be revoked.
+    pub revokes: &'a [PendingRevoke],
+}
+
+/// The decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Mint a new token now.
+    Rotate,
+    /// Revoke this token now.
+    Revoke {
+        /// Token id.
+        token_id: String,
+    },
+    /// Nothing to do before this instant (decide again then, or earlier if something changes).
+    Sleep {
+        /// When to decide again.
+        until: SystemTime,
+    },
+    /// The token is missing, dead or expired: make no API call, report it and wait for a new
+    /// token to appear in the config file.
+    Expired,
+}
+
+/// The next thing the rotator should do at `now`.
+///
+/// 1. No token, or one that is dead or within [`RotationPlan::guard`] of expiry: [`Action::Expired`].
+///    Nothing is ever sent with such a token.
+/// 2. A pending revoke that is due (and not expired by itself): [`Action::Revoke`].
+/// 3. A rotation is due at
+///    * the moment the token was obtained, when its expiry is unknown (a bootstrap token is
+///      replaced at once);
+///    * with sessions active (or unknown): `min(obtained + interval, expiry - margin)`;
+///    * idle under `keepalive`: `expiry - margin`;
+///    * idle under `lapse`: never (the token is left to expire);
+///
+///    but not before `retry_at` after a failed attempt. Due: [`Action::Rotate`].
+/// 4. Otherwise sleep until the earliest of: the rotation, the next revoke, and the moment the
+///    token becomes dead (step 1).
+pub fn next_action(now: SystemTime, state: ScheduleState<'_>, plan: &RotationPlan) -> Action {
+    let Some(token) = state.token.filter(|t| !t.dead) else {
+        return Action::Expired;
+    };
+    if plan.is_dead_at(token.expires_at, now) {
+        return Action::Expired;
+    }
+    let live_revokes = || {
+        state
+            .revokes
+            .iter()
+            .filter(|r| r.expires_at.is_none_or(|at| at > now))
+    };
+    if let Some(revoke) = live_revokes().filter(|r| r.due <= now).min_by_key(|r| r.due) {
+        return Action::Revoke {
+            token_id: revoke.token_id.clone(),
+        };
+    }
+    let rotate_at = match token.expires_at {
+        None => Some(token.obtained_at),
+        Some(expires_at) => {
+            let latest = expires_at.checked_sub(plan.margin).unwrap_or(now);
+            match (state.sessions.active(), plan.idle_policy) {
+                (true, _) => Some((token.obtained_at + plan.interval).min(latest)),
+                (false, IdlePolicy::Keepalive) => Some(latest),
+                (false, IdlePolicy::Lapse) => None,
+            }
+        }
+    };
+    let rotate_at = rotate_at.map(|at| match state.retry_at {
+        Some(retry_at) => at.max(retry_at),
+        None => at,
+    });
+    if rotate_at.is_some_and(|at| at <= now) {
+        return Action::Rotate;
+    }
+    let dead_at = token
+        .expires_at
+        .map(|at| at.checked_sub(plan.guard).unwrap_or(at));
+    let until = [rotate_at, dead_at, live_revokes().map(|r| r.due).min()]
+        .into_iter()
+        .flatten()
+        .min();
+    match until {
+        Some(until) => Action::Sleep { until },
+        // Only reachable idle under lapse with a token that never expires: nothing to do
+        // until something changes, which the caller notices when it wakes up anyway.
+        None => Action::Sleep {
+            until: now + plan.interval,
+        },
+    }
+}
+
+/// Revokes that still matter at `now`: those whose token has not expired by itself.
+pub fn prune_revokes(now: SystemTime, revokes: &mut Vec<PendingRevoke>) {
+    revokes.retain(|r| r.expires_at.is_none_or(|at| at > now));
+}
+
+/// Exponential backoff with jitter between failed attempts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// The delay before the first retry, before jitter.
+    pub base: Duration,
+    /// No delay exceeds this (before `Retry-After`).
+    pub cap: Duration,
+}
+
+impl Backoff {
+    /// The delay after failed attempt number `attempt` (0 for the first failure), with
+    /// `fraction` in `[0, 1)` drawn at random: `d = min(cap, base * 2^attempt)`, then a delay
+    /// in `[d/2, d)` ("equal jitter", so instances that failed together spread out but never
+    /// hammer the API). A `Retry-After` from the server raises the delay to at least that.
+    pub fn delay(&self, attempt: u32, fraction: f64, retry_after: Option<Duration>) -> Duration {
+        let exp = self
+            .base
+            .checked_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
+            .unwrap_or(self.cap)
+            .min(self.cap);
+        let jittered = exp / 2 + exp.mul_f64(fraction.clamp(0.0, 1.0) / 2.0);
+        match retry_after {
+            Some(after) => jittered.max(after),
+            None => jittered,
+        }
+    }
+}
+
+/// The delay a `Retry-After` header asks for at `now`: delta-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    fn held(obtained: u64, expires: Option<u64>) -> Option<HeldToken> {
+        Some(HeldToken {
+            obtained_at: at(obtained),
+            expires_at: expires.map(at),
+            dead: false,
+        })
+    }
+
+    fn state(token: Option<HeldToken>, sessions: Sessions) -> ScheduleState<'static> {
+        ScheduleState {
+            token,
+            sessions,
+            retry_at: None,
+            revokes: &[],
+        }
+    }
+
+    #[test]
+    fn idle_policy_parses() {
+        assert_eq!("keepalive".parse(), Ok(IdlePolicy::Keepalive));
+        assert_eq!(" Lapse ".parse(), Ok(IdlePolicy::Lapse));
+        assert!("sometimes".parse::<IdlePolicy>().is_err());
+    }
+
+    #[test]
+    fn next_action_table() {
+        let keep = RotationPlan::new(secs(900), secs(600), IdlePolicy::Keepalive);
+        let lapse = RotationPlan::new(secs(900), secs(600), IdlePolicy::Lapse);
+        use Sessions::{Active, Idle, Unknown};
+        let cases: &[(&str, &RotationPlan, u64, ScheduleState<'_>, Action)] = &[
+            ("no token", &keep, 0, state(None, Active), Action::Expired),
+            (
+                "dead token",
+                &keep,
+                10,
+                state(
+                    Some(HeldToken {
+                        obtained_at: at(0),
+                        expires_at: Some(at(900)),
+                        dead: true,
+                    }),
+                    Active,
+                ),
+                Action::Expired,
+            ),
+            ("expired", &keep, 900, state(held(0, Some(900)), Active), Action::Expired),
+            (
+                "inside the guard is as good as expired",
+                &keep,
+                899,
+                state(held(0, Some(900)), Active),
+                Action::Expired,
+            ),
+            (
+                "unknown expiry: replace at once",
+                &lapse,
+                5,
+                state(held(5, None), Idle),
+                Action::Rotate,
+            ),
+            (
+                "active, before the interval",
+                &keep,
+                100,
+                state(held(0, Some(900)), Active),
+                Action::Sleep { until: at(600) },
+            ),
+            ("active, at the interval", &keep, 600, state(held(0, Some(900)), Active), Action::Rotate),
+            (
+                "unknown sessions count as active",
+                &lapse,
+                600,
+                state(held(0, Some(900)), Unknown),
+                Action::Rotate,
+            ),
+            (
+                "active, short-lived token: expiry - margin comes first",
+                &keep,
+                50,
+                state(held(0, Some(400)), Active),
+                Action::Rotate,
+            ),
+            (
+                "keepalive idle, long-lived token: wait for expiry - margin",
+                &keep,
+                600,
+                state(held(0, Some(10_000)), Idle),
+                Action::Sleep { until: at(9_700) },
+            ),
+            ("keepalive idle, at expiry - margin", &keep, 600, state(held(0, Some(900)), Idle), Action::Rotate),
+            (
+                "lapse idle: sleep until the token is dead, then report",
+                &lapse,
+                600,
+                state(held(0, Some(900)), Idle),
+                Action::Sleep { until: at(898) },
+            ),
+            ("lapse idle, expired", &lapse, 898, state(held(0, Some(900)), Idle), Action::Expired),
+        ];
+        for (name, plan, now, state, expected) in cases {
+            assert_eq!(next_action(at(*now), *state, plan), *expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn retry_at_defers_a_due_rotation() {
+        let plan = RotationPlan::new(secs(900), secs(600), IdlePolicy::Keepalive);
+        let state = ScheduleState {
+            retry_at: Some(at(640)),
+            ..state(held(0, Some(900)), Sessions::Active)
+        };
+        assert_eq!(
+            next_action(at(610), state, &plan),
+            Action::Sleep { until: at(640) }
+        );
+        assert_eq!(next_action(at(640), state, &plan), Action::Rotate);
+        // A retry pushed past the token's life ends in Expired, never in a call with it.
+        let late = ScheduleState {
+            retry_at: Some(at(2_000)),
+            ..state
+        };
+        assert_eq!(
+            next_action(at(640), late, &plan),
+            Action::Sleep { until: at(898) }
+        );
+        assert_eq!(next_action(at(898), late, &plan), Action::Expired);
+    }
+
+    #[test]
+    fn revoke_grace() {
+        let plan = RotationPlan::new(secs(900), secs(600), IdlePolicy::Keepalive);
+        // Rotated at 600 with a 30 s grace: the old token is revoked at 630, not before.
+        let revokes = [PendingRevoke {
+            token_id: "old".to_owned(),
+            due: at(630),
+            expires_at: Some(at(900)),
+        }];
+        let state = ScheduleState {
+            revokes: &revokes,
+            ..state(held(600, Some(1_500)), Sessions::Active)
+        };
+        assert_eq!(
+            next_action(at(601), state, &plan),
+            Action::Sleep { until: at(630) }
+        );
+        assert_eq!(
+            next_action(at(630), state, &plan),
+            Action::Revoke {
+                token_id: "old".to_owned()
+            }
+        );
+        // A revoke whose token already expired is not worth a call.
+        assert_eq!(
+            next_action(at(950), state, &plan),
+            Action::Sleep { until: at(1_200) }
+        );
+        let mut pending = revokes.to_vec();
+        prune_revokes(at(950), &mut pending);
+        assert!(pending.is_empty());
+        // No revoke is ever made with a dead token.
+        assert_eq!(next_action(at(1_499), state, &plan), Action::Expired);
+    }
+
+    /// Replays the timeline that deadlocked the earlier rotator: a 90 s token, a 60 s interval,
+    /// sessions gone after the first rotation. Every call the rotator makes must carry a live
+    /// token; under `lapse` no call at all follows the lapse.
+    fn replay(policy: IdlePolicy) -> (Vec<u64>, Option<u64>) {
+        let plan = RotationPlan::new(secs(90), secs(60), policy);
+        let mut token = held(0, Some(90));
+        let mut rotations = Vec::new();
+        let mut expired_at = None;
+        let mut now = 0;
+        while now <= 600 {
+            let sessions = if rotations.is_empty() {
+                Sessions::Active
+            } else {
+                Sessions::Idle
+            };
+            match next_action(at(now), state(token, sessions), &plan) {
+                Action::Rotate => {
+                    let held_token = token.unwrap();
+                    assert!(
+                        held_token.expires_at.unwrap() > at(now),
+                        "{policy:?}: minted at +{now}s with a dead token"
+                    );
+                    rotations.push(now);
+                    token = held(now, Some(now + 90));
+                }
+                Action::Sleep { until } => {
+                    assert!(until > at(now));
+                    now = until.duration_since(at(0)).unwrap().as_secs();
+                }
+                Action::Expired => {
+                    expired_at.get_or_insert(now);
+                    now += 15; // the caller keeps watching the config file
+                }
+                Action::Revoke { .. } => unreachable!("no revokes in this replay"),
+            }
+        }
+        (rotations, expired_at)
+    }
+
+    #[test]
+    fn bug_one_timeline_keepalive_never_lets_the_token_die() {
+        let (rotations, expired_at) = replay(IdlePolicy::Keepalive);
+        assert_eq!(expired_at, None);
+        assert_eq!(rotations, [60, 120, 180, 240, 300, 360, 420, 480, 540, 600]);
+    }
+
+    #[test]
+    fn bug_one_timeline_lapse_reports_expiry_without_calls() {
+        let (rotations, expired_at) = replay(IdlePolicy::Lapse);
+        assert_eq!(rotations, [60]);
+        // The token minted at +60 s lives until +150 s; inside the guard it counts as dead.
+        assert_eq!(expired_at, Some(148));
+    }
+
+    #[test]
+    fn backoff_sequence() {
+        let backoff = Backoff {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(60),
+        };
+        let cases: &[(u32, f64, Option<u64>, Duration)] = &[
+            (0, 0.0, None, Duration::from_millis(500)),
+            (0, 0.999_999, None, Duration::from_millis(1_000)),
+            (1, 0.0, None, Duration::from_secs(1)),
+            (2, 0.5, None, Duration::from_secs(3)),
+            (3, 0.0, None, Duration::from_secs(4)),
+            (6, 0.0, None, Duration::from_secs(30)),
+            (7, 0.0, None, Duration::from_secs(30)),
+            (40, 1.0, None, Duration::from_secs(60)),
+            (0, 0.0, Some(7), Duration::from_secs(7)),
+            (6, 0.0, Some(7), Duration::from_secs(30)),
+        ];
+        for (attempt, fraction, retry_after, expected) in cases {
+            let got = backoff.delay(*attempt, *fraction, retry_after.map(secs));
+            let diff = got.abs_diff(*expected);
+            assert!(
+                diff < Duration::from_millis(1),
+                "attempt {attempt} fraction {fraction}: {got:?} != {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn plan_scales_with_the_lifetime() {
+        let default = RotationPlan::new(secs(900), secs(600), IdlePolicy::Keepalive);
+        assert_eq!(default.margin, secs(300));
+        assert_eq!(default.guard, secs(2));
+        assert_eq!(default.backoff.base, secs(1));
+        assert_eq!(default.backoff.cap, secs(60));
+        let compressed = RotationPlan::new(secs(4), secs(2), IdlePolicy::Keepalive);
+        assert_eq!(compressed.margin, secs(2));
+        assert_eq!(compressed.guard, Duration::from_millis(500));
+        assert_eq!(compressed.backoff.cap, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        assert_eq!(parse_retry_after("120", now), Some(secs(120)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now),
+            Some(secs(10))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

@@ -1,0 +1,666 @@
+//! The proxy over a real socket against the fake workspace.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use common::fake_workspace::{Behaviour, FakeWorkspace, REDACTED, sha256_hex};
+use common::harness::{serve_with, settings};
+use common::{JsonBody, SseReader, http_client};
+use fresh_token::{ConfigFileToken, SharedToken, Token, TokenSource};
+use serde_json::{Value, json};
+
+async fn json_of(res: reqwest::Response) -> Value {
+    let text = res.text().await.expect("body");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+fn shared(value: &str) -> Arc<dyn TokenSource> {
+    Arc::new(SharedToken::with_token(Token::new(value).unwrap()))
+}
+
+#[tokio::test]
+async fn every_method_and_query_string_is_forwarded() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(60));
+    let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
+    let client = http_client();
+    for method in ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+        let url = format!("{}/echo/invocations?a=1&b=two%20words", proxy.url());
+        let res = client
+            .request(method.parse().unwrap(), &url)
+            .body(if method == "GET" { "" } else { "payload" })
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{method}");
+        let echo = json_of(res).await;
+        assert_eq!(echo["method"], method);
+        assert_eq!(echo["path"], "/serving-endpoints/echo/invocations");
+        assert_eq!(echo["query"], "a=1&b=two%20words");
+        assert_eq!(echo["auth"]["token_id"], pat.id.as_str(), "{method}");
+    }
+    // /health, /ready and /metrics answer locally only for GET.
+    let res = client
+        .post(format!("{}/health", proxy.url()))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(res).await["path"], "/serving-endpoints/health");
+}
+
+#[tokio::test]
+async fn non_json_bodies_pass_byte_for_byte() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(60));
+    let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
+    let client = http_client();
+    let binary: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let not_json_json =
+        b"{\"messages\": [ {\"role\": \"user\", \"content\": \"\"} ] } trailing".to_vec();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("application/octet-stream", binary.clone()),
+        (
+            "text/plain; charset=latin1",
+            vec![0xff, 0xfe, b'a', 0, 0x80],
+        ),
+        ("application/json", not_json_json),
+        ("application/json", b"[1, 2, 3]".to_vec()),
+    ];
+    for (content_type, body) in cases {
+        let res = client
+            .post(format!("{}/echo/invocations", proxy.url()))
+            .header("content-type", content_type)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let echo = json_of(res).await;
+        assert_eq!(echo["body_sha256"], sha256_hex(&body), "{content_type}");
+        assert_eq!(echo["body_len"], body.len());
+    }
+    // A body of unknown length is streamed through.
+    let chunks: Vec<Result<Bytes, std::io::Error>> = binary
+        .chunks(7_001)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    let res = client
+        .post(format!("{}/echo/invocations", proxy.url()))
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(res).await["body_sha256"], sha256_hex(&binary));
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413_and_nothing_reaches_upstream() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(60));
+    let mut settings = settings(&ws.serving_base());
+    settings.max_body = 1024;
+    let proxy = serve_with(settings, shared(&pat.value)).await;
+    let client = http_client();
+    let big = vec![b'x'; 4096];
+    let json_big = json!({"messages": [{"role": "user", "content": "y".repeat(4096)}]}).to_string();
+    let before = ws.stats().requests;
+    let declared = client
+        .post(format!("{}/echo/invocations", proxy.url()))
+        .header("content-type", "application/octet-stream")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    let chunked_json = client
+        .post(format!("{}/echo/invocations", proxy.url()))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            json_big
+                .into_bytes()
+                .chunks(512)
+                .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
+                .collect::<Vec<_>>(),
+        )))
+        .send()
+        .await
+        .unwrap();
+    for res in [declared, chunked_json] {
+        assert_eq!(res.status(), 413);
+        assert_eq!(json_of(res).await["error"]["type"], "request_too_large");
+    }
+    assert_eq!(
+        ws.stats().requests,
+        before,
+        "nothing may reach the upstream"
+    );
+    let small = client
+        .post(format!("{}/echo/invocations", proxy.url()))
+        .body(vec![b'x'; 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small.status(), 200, "a body of exactly the limit passes");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_dropped_and_authorization_replaced() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(60));
+    let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
+    let client = http_client();
+    let res = client
+        .post(format!("{}/echo/invocations", proxy.url()))
+        .header("authorization", "Bearer dapi-client-stale")
+        .header("connection", "x-private")
+        .header("x-private", "only for the next hop")
+        .header("te", "trailers")
+        .header("trailer", "x-sum")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("x-custom", "kept")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    let echo = json_of(res).await;
+    let headers = echo["headers"].as_object().unwrap();
+    for dropped in [
+        "x-private",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "keep-alive",
+        "upgrade",
+    ] {
+        assert!(
+            !headers.contains_key(dropped),
+            "{dropped} was forwarded: {headers:?}"
+        );
+    }
+    assert_eq!(headers["x-custom"], "kept");
+    assert_eq!(headers["authorization"], REDACTED);
+    assert_eq!(echo["auth"]["valid"], true);
+    assert_eq!(echo["auth"]["token_id"], pat.id.as_str());
+}
+
+#[tokio::test]
+async fn the_request_target_never_chooses_the_host() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(60));
+    let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
+    let addr = proxy.addr;
+    let raw = |request: String| {
+        tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            stream.write_all(request.as_bytes()).unwrap();
+            let mut response = String::new();
+            let _ = stream.read_to_string(&mut response);
+            response
+        })
+    };
+    let absolute = raw("GET http://203.0.113.7:81/echo/invocations?x=1 HTTP/1.1\r\nHost: 203.0.113.7:81\r\nConnection: close\r\n\r\n".to_owned())
+        .await
+        .unwrap();
+    assert!(absolute.starts_with("HTTP/1.1 200"), "{absolute}");
+    assert!(
+        absolute.contains("\"path\":\"/serving-endpoints/echo/invocations\""),
+        "{absolute}"
+    );
+    let escape = raw(
+        "GET /../api/2.0/token/list HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_owned(),
+    )
+    .await
+    .unwrap();
+    assert!(escape.starts_with("HTTP/1.1 400"), "{escape}");
+    let encoded = raw(
+        "GET /%2e%2e/api/2.0/token/list HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            .to_owned(),
+    )
+    .await
+    .unwrap();
+    assert!(encoded.starts_with("HTTP/1.1 400"), "{encoded}");
+    assert_eq!(ws.stats().lists, 0, "the token API must stay out of reach");
+}
+
+#[tokio::test]
+async fn sse_arrives_incrementally() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(60));
+    let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
+    let client = http_client();
+    let started = Instant::now();
+    let res = client
+        .post(format!(
+            "{}/slow-stream/invocations?delay_ms=300&events=5",
+            proxy.url()
+        ))
+        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut reader = SseReader::new(res);
+    let first = reader.next_data().await.expect("first event");
+    let first_at = started.elapsed();
+    assert!(first.contains("part 0"), "{first}");
+    let rest = reader.collect_data().await;
+    let ended_at = started.elapsed();
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(rest.len(), 5, "{rest:?}");
+    // The stream takes 5 × 300 ms after the first event; the first must not wait for them.
+    assert!(
+        ended_at - first_at >= Duration::from_millis(1_200),
+        "first {first_at:?}, end {ended_at:?}"
+    );
+}
+
+#[tokio::test]
+async fn streamed_tool_calls_are_remapped() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(60));
+    let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
+    let client = http_client();
+    let request = json!({
+        "messages": [{"role": "user", "content": "read it"}],
+        "tools": [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}],
+        "stream": true,
+        "stream_options": {"include_usage": true}
+    });
+    for behaviour in [Behaviour::ToolCall, Behaviour::ToolCallOneChunk] {
+        let res = client
+            .post(format!("{}/{}/invocations", proxy.url(), behaviour.name()))
+            .json_body(&request)
+            .send()
+            .await
+            .unwrap();
+        let events = SseReader::new(res).collect_data().await;
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let mut names = Vec::new();
+        let mut arguments = String::new();
+        let mut finish = None;
+        for event in &events[..events.len() - 1] {
+            let chunk: Value = serde_json::from_str(event).expect("one JSON document per event");
+            let choice = &chunk["choices"][0];
+            for call in choice["delta"]["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if let Some(name) = call["function"]["name"].as_str() {
+                    names.push(name.to_owned());
+                }
+                arguments.push_str(call["function"]["arguments"].as_str().unwrap_or(""));
+            }
+            if let Some(reason) = choice["finish_reason"].as_str() {
+                finish = Some(reason.to_owned());
+            }
+        }
+        assert_eq!(names, ["read_file"], "{behaviour:?}: {events:?}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&arguments).unwrap(),
+            json!({"path": "/tmp/x"})
+        );
+        assert_eq!(finish.as_deref(), Some("tool_calls"));
+    }
+    // And the plain JSON answer.
+    let mut plain = request.clone();
+    plain["stream"] = json!(false);
+    let res = client
+        .post(format!("{}/tool-call/invocations", proxy.url()))
+        .json_body(&plain)
+        .send()
+        .await
+        .unwrap();
+    let body = json_of(res).await;
+    assert_eq!(
+        body["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+        "read_file"
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[tokio::test]
+async fn requests_are_sanitised_before_they_leave() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(60));
+    let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
+    let request = json!({
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "  "}, {"type": "text", "text": "hi"}]},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": "again"}
+        ],
+        "stream_options": {"include_usage": true}
+    });
+    let res = http_client()
+        .post(format!("{}/echo/invocations", proxy.url()))
+        .json_body(&request)
+        .send()
+        .await
+        .unwrap();
+    let echo = json_of(res).await;
+    let forwarded: Value = serde_json::from_str(echo["body_text"].as_str().unwrap()).unwrap();
+    assert!(forwarded.get("stream_options").is_none(), "{forwarded}");
+    assert_eq!(
+        forwarded["messages"][0]["content"],
+        json!([{"type": "text", "text": "hi"}])
+    );
+    assert_eq!(
+        forwarded["messages"].as_array().unwrap().len(),
+        2,
+        "{forwarded}"
+    );
+    let metrics = proxy.state.metrics().render(None);
+    assert!(
+        metrics.contains("fresh_proxy_filter_actions_total{kind=\"stream_options_removed\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_down_is_a_502_json_error() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/serving-endpoints", closed.local_addr().unwrap());
+    drop(closed);
+    let proxy = serve_with(settings(&base), shared("dapi-unused")).await;
+    let res = http_client()
+        .post(format!("{}/chat/invocations", proxy.url()))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 502);
+    assert_eq!(res.headers()["content-type"], "application/json");
+    assert_eq!(json_of(res).await["error"]["type"], "upstream_unreachable");
+}
+
+#[tokio::test]
+async fn no_upstream_headers_in_time_is_a_504_json_error() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(60));
+    let mut settings = settings(&ws.serving_base());
+    settings.upstream_timeout = Duration::from_millis(300);
+    let proxy = serve_with(settings, shared(&pat.value)).await;
+    let started = Instant::now();
+    let res = http_client()
+        .post(format!(
+            "{}/slow-headers/invocations?delay_ms=5000",
+            proxy.url()
+        ))
+        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 504);
+    assert_eq!(json_of(res).await["error"]["type"], "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+#[tokio::test]
+async fn upstream_errors_pass_through_untouched() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(60));
+    let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
+    let res = http_client()
+        .post(format!(
+            "{}/status/invocations?status=429&retry_after=7",
+            proxy.url()
+        ))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["retry-after"], "7");
+    assert_eq!(json_of(res).await["error_code"], "REQUEST_LIMIT_EXCEEDED");
+}
+
+fn write_config(path: &std::path::Path, token: &str) {
+    fresh_token::databrickscfg::update_profile(path, "DEFAULT", &[("token", token)]).unwrap();
+}
+
+#[tokio::test]
+async fn retry_once_turns_a_rotation_race_into_a_200() {
+    let ws = FakeWorkspace::start().await;
+    let first = ws.mint(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(".databrickscfg");
+    write_config(&path, &first.value);
+    // A file source that only looks at the file again when asked to: the race, made certain.
+    let source = ConfigFileToken::new(&path, "DEFAULT").stat_interval(Duration::from_secs(3600));
+    assert!(source.current().is_some());
+    let proxy = serve_with(settings(&ws.serving_base()), Arc::new(source)).await;
+
+    let second = ws.mint(Duration::from_secs(60));
+    write_config(&path, &second.value);
+    ws.revoke(&first.id);
+
+    let res = http_client()
+        .post(format!("{}/echo/invocations", proxy.url()))
+        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(json_of(res).await["auth"]["token_id"], second.id.as_str());
+    assert_eq!(ws.stats().serving_denied, 1, "the first attempt was denied");
+    let metrics = proxy.state.metrics().render(None);
+    assert!(metrics.contains("fresh_proxy_retries_total 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_rejection_with_no_newer_token_is_answered_once() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(60));
+    ws.revoke(&pat.id);
+    let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
+    let res = http_client()
+        .post(format!("{}/chat/invocations", proxy.url()))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(
+        ws.stats().serving_denied,
+        1,
+        "no retry without a different token"
+    );
+}
+
+#[tokio::test]
+async fn ready_flips_with_the_token_state() {
+    let ws = FakeWorkspace::start().await;
+    let token = SharedToken::new();
+    let proxy = serve_with(settings(&ws.serving_base()), Arc::new(token.clone())).await;
+    let client = http_client();
+    let ready = || async {
+        client
+            .get(format!("{}/ready", proxy.url()))
+            .send()
+            .await
+            .unwrap()
+    };
+    let health = || async {
+        json_of(
+            client
+                .get(format!("{}/health", proxy.url()))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    };
+
+    let res = ready().await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(json_of(res).await["reason"], "no token is available");
+    assert_eq!(health().await["token"]["state"], "missing");
+    let res = client
+        .post(format!("{}/chat/invocations", proxy.url()))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(json_of(res).await["error"]["type"], "token_unavailable");
+
+    let pat = ws.mint(Duration::from_secs(600));
+    token.publish(Token::with_expiry(&pat.value, pat.expiry.unwrap()).unwrap());
+    assert_eq!(ready().await.status(), 200);
+    let h = health().await;
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["token"]["state"], "fresh");
+    assert!(h["token"]["expires_in_s"].as_i64().unwrap() > 590);
+    assert!(!h.to_string().contains(&pat.value));
+
+    token.publish(
+        Token::with_expiry(&pat.value, SystemTime::now() - Duration::from_secs(1)).unwrap(),
+    );
+    let res = ready().await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(json_of(res).await["reason"], "the token has expired");
+    let h = health().await;
+    assert_eq!(h["status"], "degraded");
+    assert_eq!(h["token"]["state"], "expired");
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(600));
+    let token =
+        SharedToken::with_token(Token::with_expiry(&pat.value, pat.expiry.unwrap()).unwrap());
+    let proxy = serve_with(settings(&ws.serving_base()), Arc::new(token)).await;
+    let client = http_client();
+    for _ in 0..3 {
+        client
+            .post(format!("{}/chat/invocations", proxy.url()))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+    }
+    let res = client
+        .get(format!("{}/metrics", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = res.text().await.unwrap();
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("parses");
+    let value = |name: &str, label: Option<(&str, &str)>| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    assert_eq!(
+        value("fresh_proxy_requests_total", Some(("class", "2xx"))),
+        Some(3.0)
+    );
+    assert!(value("fresh_proxy_token_seconds_to_expiry", None).unwrap() > 590.0);
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric.starts_with("fresh_proxy_upstream_latency_seconds"))
+    );
+    assert!(!text.contains(&pat.value));
+}
+
+/// The harshest form of the old staleness bug: the token in the file is replaced every few
+/// hundred milliseconds and the old one revoked at once, while clients keep sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_and_revoked_under_load_fails_no_request() {
+    let ws = FakeWorkspace::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(".databrickscfg");
+    let first = ws.mint(Duration::from_secs(120));
+    write_config(&path, &first.value);
+    let source = ConfigFileToken::new(&path, "DEFAULT");
+    let proxy = serve_with(settings(&ws.serving_base()), Arc::new(source)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, url) = (stop.clone(), ok.clone(), proxy.url());
+        clients.push(tokio::spawn(async move {
+            let client = http_client();
+            let mut failures = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let res = client
+                    .post(format!("{url}/chat/invocations"))
+                    .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+                    .send()
+                    .await
+                    .unwrap();
+                match res.status().as_u16() {
+                    200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => failures.push(other),
+                }
+            }
+            failures
+        }));
+    }
+
+    let mut previous = first;
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let next = ws.mint(Duration::from_secs(120));
+        write_config(&path, &next.value);
+        ws.revoke(&previous.id);
+        previous = next;
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for client in clients {
+        failures.extend(client.await.unwrap());
+    }
+    let served = ok.load(Ordering::Relaxed);
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {failures:?}",
+        failures.len(),
+        served + failures.len()
+    );
+    assert!(served >= 50, "only {served} requests were sent");
+    // The race was real: the upstream did deny stale tokens, and retries recovered them.
+    let denied = ws.stats().serving_denied;
+    let metrics = proxy.state.metrics().render(None);
+    eprintln!("served {served}, denied-then-retried {denied}");
+    assert!(
+        metrics.contains(&format!("fresh_proxy_retries_total {denied}")),
+        "{metrics}"
+    );
+}
