@@ -37,7 +37,7 @@ pub struct Cli {
     #[arg(long, env = "PROXY_UPSTREAM_BASE", value_name = "URL")]
     pub proxy_upstream_base: Option<String>,
     /// Allow plain http:// to a non-loopback upstream
-    #[arg(long, env = "PROXY_ALLOW_INSECURE_UPSTREAM", value_parser = parse_flag, default_value = "0", value_name = "0|1")]
+    #[arg(long, env = "PROXY_ALLOW_INSECURE_UPSTREAM", value_parser = parse_flag, action = clap::ArgAction::Set, default_value = "0", value_name = "0|1")]
     pub proxy_allow_insecure_upstream: bool,
     /// Largest request body in bytes; larger bodies get 413
     #[arg(long, env = "PROXY_MAX_BODY", default_value_t = 32 * 1024 * 1024, value_name = "BYTES")]
@@ -106,7 +106,7 @@ pub struct Cli {
     #[arg(long, env = "PAT_SINKS", value_name = "SPEC")]
     pub pat_sinks: Option<String>,
     /// Revoke the bootstrap PAT once a minted one replaces it, where it can be identified safely
-    #[arg(long, env = "PAT_REVOKE_BOOTSTRAP", value_parser = parse_flag, default_value = "0", value_name = "0|1")]
+    #[arg(long, env = "PAT_REVOKE_BOOTSTRAP", value_parser = parse_flag, action = clap::ArgAction::Set, default_value = "0", value_name = "0|1")]
     pub pat_revoke_bootstrap: bool,
     /// Log line format
     #[arg(long, env = "PROXY_LOG_FORMAT", value_enum, default_value = "text")]
@@ -517,5 +517,242 @@ pub fn is_loopback(url: &Url) -> bool {
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
         None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Case {
+        name: &'static str,
+        file: Option<&'static str>,
+        args: &'static [&'static str],
+        token: Option<&'static str>,
+        client_secret: Option<&'static str>,
+        expect: Result<fn(&Config), &'static [&'static str]>,
+    }
+
+    const GOOD: &str =
+        "[DEFAULT]\nhost = https://adb-1.azuredatabricks.net/\ntoken = dapi-profile\n";
+
+    fn run(case: &Case) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".databrickscfg");
+        if let Some(text) = case.file {
+            std::fs::write(&path, text).unwrap();
+        }
+        let mut args = vec!["fresh-proxy".to_owned()];
+        args.extend(case.args.iter().map(|a| a.to_string()));
+        let cli = Cli::try_parse_from(args).unwrap();
+        let secrets = Secrets {
+            token: case.token.map(str::to_owned),
+            client_secret: case.client_secret.map(str::to_owned),
+        };
+        Config::load(&cli, &secrets, Some(dir.path().to_owned()))
+    }
+
+    #[test]
+    fn load_table() {
+        let cases = [
+            Case {
+                name: "defaults from the profile",
+                file: Some(GOOD),
+                args: &[],
+                token: None,
+                client_secret: None,
+                expect: Ok(|c| {
+                    assert_eq!(c.listen, "127.0.0.1:4000".parse().unwrap());
+                    assert_eq!(c.host.as_str(), "https://adb-1.azuredatabricks.net/");
+                    assert_eq!(
+                        c.upstream_base.as_str(),
+                        "https://adb-1.azuredatabricks.net/serving-endpoints"
+                    );
+                    assert!(matches!(
+                        c.token_mode,
+                        TokenMode::Rotate { env_token: None }
+                    ));
+                    assert_eq!(c.rotation.lifetime, Duration::from_secs(900));
+                    assert_eq!(c.rotation.interval, Duration::from_secs(600));
+                    assert_eq!(c.max_body, 33_554_432);
+                }),
+            },
+            Case {
+                name: "bare host gets https",
+                file: None,
+                args: &["--databricks-host", "example.cloud.databricks.com"],
+                token: Some("dapi-env"),
+                client_secret: None,
+                expect: Ok(|c| {
+                    assert_eq!(c.host.as_str(), "https://example.cloud.databricks.com/")
+                }),
+            },
+            Case {
+                name: "interval not below lifetime",
+                file: Some(GOOD),
+                args: &["--pat-rotation-interval", "900"],
+                token: None,
+                client_secret: None,
+                expect: Err(&["PAT_ROTATION_INTERVAL", "PAT_TOKEN_LIFETIME"]),
+            },
+            Case {
+                name: "profile missing and no other source",
+                file: Some(GOOD),
+                args: &[
+                    "--databricks-config-profile",
+                    "prod",
+                    "--databricks-host",
+                    "https://h",
+                ],
+                token: None,
+                client_secret: None,
+                expect: Err(&["[prod]", ".databrickscfg"]),
+            },
+            Case {
+                name: "no file, no host",
+                file: None,
+                args: &[],
+                token: Some("dapi-env"),
+                client_secret: None,
+                expect: Err(&["DATABRICKS_HOST"]),
+            },
+            Case {
+                name: "plain http to a remote host",
+                file: None,
+                args: &["--databricks-host", "http://example.com"],
+                token: Some("dapi-env"),
+                client_secret: None,
+                expect: Err(&["DATABRICKS_HOST", "loopback"]),
+            },
+            Case {
+                name: "plain http to loopback is fine",
+                file: None,
+                args: &["--databricks-host", "http://127.0.0.1:8080"],
+                token: Some("dapi-env"),
+                client_secret: None,
+                expect: Ok(|c| {
+                    assert_eq!(
+                        c.upstream_base.as_str(),
+                        "http://127.0.0.1:8080/serving-endpoints"
+                    )
+                }),
+            },
+            Case {
+                name: "insecure upstream refused",
+                file: Some(GOOD),
+                args: &["--proxy-upstream-base", "http://10.0.0.5/x"],
+                token: None,
+                client_secret: None,
+                expect: Err(&["PROXY_UPSTREAM_BASE", "PROXY_ALLOW_INSECURE_UPSTREAM"]),
+            },
+            Case {
+                name: "insecure upstream allowed",
+                file: Some(GOOD),
+                args: &[
+                    "--proxy-upstream-base",
+                    "http://10.0.0.5/x/",
+                    "--proxy-allow-insecure-upstream",
+                    "1",
+                ],
+                token: None,
+                client_secret: None,
+                expect: Ok(|c| assert_eq!(c.upstream_base.as_str(), "http://10.0.0.5/x")),
+            },
+            Case {
+                name: "unparsable upstream",
+                file: Some(GOOD),
+                args: &["--proxy-upstream-base", "https://exa mple.com"],
+                token: None,
+                client_secret: None,
+                expect: Err(&["PROXY_UPSTREAM_BASE", "not a URL"]),
+            },
+            Case {
+                name: "follower mode",
+                file: Some(GOOD),
+                args: &["--pat-rotation", "off"],
+                token: None,
+                client_secret: None,
+                expect: Ok(|c| assert!(matches!(c.token_mode, TokenMode::Follow { .. }))),
+            },
+            Case {
+                name: "oauth when no PAT",
+                file: Some("[DEFAULT]\nhost = https://h\n"),
+                args: &["--databricks-client-id", "sp-1"],
+                token: None,
+                client_secret: Some("secret-1"),
+                expect: Ok(|c| {
+                    assert!(
+                        matches!(&c.token_mode, TokenMode::OAuth { client_id, .. } if client_id == "sp-1")
+                    )
+                }),
+            },
+            Case {
+                name: "client id without secret",
+                file: Some("[DEFAULT]\nhost = https://h\n"),
+                args: &["--databricks-client-id", "sp-1"],
+                token: None,
+                client_secret: None,
+                expect: Err(&["DATABRICKS_CLIENT_SECRET"]),
+            },
+            Case {
+                name: "token with a line break",
+                file: Some(GOOD),
+                args: &[],
+                token: Some("dapi-leak\nX-Evil: 1"),
+                client_secret: None,
+                expect: Err(&["DATABRICKS_TOKEN"]),
+            },
+            Case {
+                name: "torn config file",
+                file: Some("[DEFAULT\nhost = https://h\n"),
+                args: &[],
+                token: Some("dapi-env"),
+                client_secret: None,
+                expect: Err(&[".databrickscfg", "not a valid config file"]),
+            },
+            Case {
+                name: "rotation forced on without a PAT",
+                file: Some("[DEFAULT]\nhost = https://h\n"),
+                args: &["--pat-rotation", "on"],
+                token: None,
+                client_secret: None,
+                expect: Err(&["PAT_ROTATION"]),
+            },
+        ];
+        for case in &cases {
+            match (run(case), &case.expect) {
+                (Ok(config), Ok(check)) => check(&config),
+                (Err(err), Err(needles)) => {
+                    let message = err.to_string();
+                    for needle in *needles {
+                        assert!(
+                            message.contains(needle),
+                            "{}: {message:?} lacks {needle:?}",
+                            case.name
+                        );
+                    }
+                    assert!(
+                        !message.contains("dapi-"),
+                        "{}: a token leaked: {message}",
+                        case.name
+                    );
+                }
+                (Ok(_), Err(_)) => panic!("{}: expected an error", case.name),
+                (Err(err), Ok(_)) => panic!("{}: unexpected error {err}", case.name),
+            }
+        }
+    }
+
+    #[test]
+    fn secrets_debug_hides_values() {
+        let secrets = Secrets {
+            token: Some("dapi-secret".to_owned()),
+            client_secret: Some("oauth-secret".to_owned()),
+        };
+        let shown = format!("{secrets:?}");
+        assert!(
+            !shown.contains("dapi-secret") && !shown.contains("oauth-secret"),
+            "{shown}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The `fresh-proxy` binary: parse configuration, start the token machinery, serve until
 //! SIGTERM or Ctrl-C, then let in-flight requests finish up to a deadline.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -34,7 +35,8 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -77,7 +79,7 @@ async fn serve(config: Config) -> ExitCode {
         .local_addr()
         .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
     tracing::info!(
-        address,
+        %address,
         upstream = config.upstream_base.as_str(),
         source = ?state_source(&config),
         "listening"

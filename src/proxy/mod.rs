@@ -107,18 +107,20 @@ impl Forwarder {
             upstream.status(),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
         );
-        if let Some(used) = token.filter(|_| rejected && outgoing.replayable()) {
-            if let Some(fresh) = self.source.refresh(&used).await {
-                tracing::info!(
-                    status = upstream.status().as_u16(),
-                    "upstream rejected the token; retrying once with a refreshed token"
-                );
-                self.metrics.retry();
-                let body = outgoing.next_body();
-                upstream = self
-                    .send(&method, &url, &headers, body, Some(&fresh))
-                    .await?;
-            }
+        let used = token.filter(|_| rejected && outgoing.replayable());
+        if let Some(fresh) = match &used {
+            Some(used) => self.source.refresh(used).await,
+            None => None,
+        } {
+            tracing::info!(
+                status = upstream.status().as_u16(),
+                "upstream rejected the token; retrying once with a refreshed token"
+            );
+            self.metrics.retry();
+            let body = outgoing.next_body();
+            upstream = self
+                .send(&method, &url, &headers, body, Some(&fresh))
+                .await?;
         }
         response::relay(upstream, tools, &self.metrics, self.upstream_timeout).await
     }

@@ -3,6 +3,7 @@
 // Each test binary uses a subset of this module.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod binary;
 pub mod fake_workspace;
 pub mod harness;
 

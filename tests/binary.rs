@@ -1,0 +1,207 @@
+//! The real binary: exit codes, serving, graceful shutdown, and what reaches its logs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::binary::{ProxyProcess, command};
+use common::fake_workspace::FakeWorkspace;
+use common::{JsonBody, SseReader, http_client};
+use serde_json::{Value, json};
+
+#[test]
+fn broken_configuration_exits_with_2_and_names_the_variable() {
+    let home = tempfile::tempdir().unwrap();
+    let cfg = home.path().join(".databrickscfg");
+    std::fs::write(
+        &cfg,
+        "[DEFAULT]\nhost = https://example.cloud.databricks.com\ntoken = dapi-in-file-0001\n",
+    )
+    .unwrap();
+    let cases: &[(&[(&str, &str)], &[&str])] = &[
+        (
+            &[
+                ("PAT_TOKEN_LIFETIME", "900"),
+                ("PAT_ROTATION_INTERVAL", "900"),
+            ],
+            &["PAT_ROTATION_INTERVAL"],
+        ),
+        (&[("PROXY_PORT", "not-a-port")], &["PROXY_PORT"]),
+        (
+            &[("DATABRICKS_CONFIG_PROFILE", "missing")],
+            &["[missing]", ".databrickscfg"],
+        ),
+        (
+            &[("PROXY_UPSTREAM_BASE", "http://192.0.2.1/serving-endpoints")],
+            &["PROXY_UPSTREAM_BASE"],
+        ),
+        (
+            &[("DATABRICKS_HOST", "https://exa mple.com")],
+            &["DATABRICKS_HOST"],
+        ),
+        (
+            &[("DATABRICKS_TOKEN", "dapi-leaky\r\nX-Evil: 1")],
+            &["DATABRICKS_TOKEN"],
+        ),
+        (&[("PAT_IDLE_POLICY", "sometimes")], &["PAT_IDLE_POLICY"]),
+        (
+            &[
+                ("DATABRICKS_CONFIG_FILE", "/nonexistent/cfg"),
+                ("DATABRICKS_HOST", "https://h"),
+            ],
+            &["no token", "DATABRICKS_TOKEN"],
+        ),
+    ];
+    for (env, needles) in cases {
+        let mut cmd = command(home.path());
+        cmd.envs(env.iter().copied());
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{env:?}: {stderr}");
+        for needle in *needles {
+            assert!(
+                stderr.contains(needle),
+                "{env:?}: {stderr:?} lacks {needle:?}"
+            );
+        }
+        assert!(
+            !stderr.contains("dapi-"),
+            "{env:?}: a token value leaked: {stderr}"
+        );
+        assert_eq!(
+            stderr
+                .trim()
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .count()
+                <= 4,
+            true,
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn help_lists_every_variable() {
+    let home = tempfile::tempdir().unwrap();
+    let out = command(home.path()).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "DATABRICKS_CONFIG_FILE",
+        "DATABRICKS_CONFIG_PROFILE",
+        "DATABRICKS_HOST",
+        "DATABRICKS_CLIENT_ID",
+        "PROXY_HOST",
+        "PROXY_PORT",
+        "PROXY_UPSTREAM_BASE",
+        "PROXY_MAX_BODY",
+        "PROXY_UPSTREAM_TIMEOUT",
+        "PAT_ROTATION",
+        "PAT_TOKEN_LIFETIME",
+        "PAT_ROTATION_INTERVAL",
+        "PAT_IDLE_POLICY",
+        "PAT_SESSIONS_URL",
+        "PAT_IDLE_AFTER",
+        "PAT_REVOKE_GRACE",
+        "PAT_COMMENT",
+        "PAT_SINKS",
+    ] {
+        assert!(
+            help.contains(&format!("[env: {var}=")),
+            "--help lacks {var}"
+        );
+    }
+    assert!(
+        !help.contains("--databricks-token"),
+        "secrets never come from flags"
+    );
+    assert!(
+        !help.contains("--databricks-client-secret"),
+        "secrets never come from flags"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_serves_then_drains_in_flight_streams_on_sigterm() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(600));
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join(".databrickscfg"),
+        format!("[DEFAULT]\nhost = {}\ntoken = {}\n", ws.url(), pat.value),
+    )
+    .unwrap();
+    let mut cmd = command(home.path());
+    cmd.env("PAT_ROTATION", "off").env("RUST_LOG", "trace");
+    let mut proxy = tokio::task::spawn_blocking(move || ProxyProcess::start(cmd))
+        .await
+        .unwrap();
+    let client = http_client();
+
+    let health: Value = client
+        .get(format!("{}/health", proxy.url()))
+        .send()
+        .await
+        .unwrap()
+        .json_text()
+        .await;
+    assert_eq!(health["token"]["source"], "file");
+    assert_eq!(health["status"], "ok");
+    let res = client
+        .post(format!("{}/chat/invocations", proxy.url()))
+        .header("authorization", "Bearer dapi-client-own-0002")
+        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    let res = client
+        .post(format!(
+            "{}/slow-stream/invocations?delay_ms=200&events=8",
+            proxy.url()
+        ))
+        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = SseReader::new(res);
+    assert!(stream.next_data().await.unwrap().contains("part 0"));
+    proxy.terminate();
+    let rest = stream.collect_data().await;
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some("[DONE]"),
+        "the in-flight stream was cut: {rest:?}"
+    );
+    assert_eq!(rest.len(), 8);
+
+    let status = tokio::task::spawn_blocking(move || {
+        let status = proxy.wait(Duration::from_secs(20));
+        (status, proxy)
+    })
+    .await
+    .unwrap();
+    let (status, proxy) = status;
+    assert!(status.expect("exited after SIGTERM").success());
+    let logs = proxy.logs();
+    assert!(logs.contains("shutting down"), "{logs}");
+    for secret in [pat.value.as_str(), "dapi-client-own-0002"] {
+        assert!(!logs.contains(secret), "a token value reached the logs");
+    }
+    assert!(
+        !logs.to_ascii_lowercase().contains("bearer "),
+        "an Authorization header reached the logs"
+    );
+}
+
+trait JsonText {
+    async fn json_text(self) -> Value;
+}
+
+impl JsonText for reqwest::Response {
+    async fn json_text(self) -> Value {
+        serde_json::from_str(&self.text().await.unwrap()).unwrap()
+    }
+}
