@@ -664,3 +664,30 @@ async fn a_file_rewritten_and_revoked_under_load_fails_no_request() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_client_disconnect_cancels_the_upstream_stream() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(60));
+    let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
+    let res = http_client()
+        .post(format!(
+            "{}/slow-stream/invocations?delay_ms=200&events=100",
+            proxy.url()
+        ))
+        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = SseReader::new(res);
+    assert!(stream.next_data().await.unwrap().contains("part 0"));
+    assert_eq!(ws.streams_abandoned(), 0);
+    drop(stream);
+    // 100 events × 200 ms would take 20 s; the upstream must see the reader leave long before.
+    common::wait_until(
+        Duration::from_secs(5),
+        "the upstream stream to be dropped",
+        || async { ws.streams_abandoned() == 1 },
+    )
+    .await;
+}

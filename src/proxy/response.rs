@@ -50,9 +50,13 @@ pub(super) async fn relay(
         let bytes = read_json(upstream, read_timeout).await?;
         let (fixed, report) = filter::fix_response_bytes(&bytes, &tools);
         record(metrics, &report);
-        let bytes = fixed.map_or(bytes, Bytes::from);
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        Body::from(bytes)
+        match fixed {
+            Some(fixed) => {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(fixed.len()));
+                Body::from(fixed)
+            }
+            None => Body::from(bytes),
+        }
     } else {
         Body::from_stream(upstream.bytes_stream())
     };

@@ -36,6 +36,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -48,6 +49,7 @@ use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -309,6 +311,7 @@ impl FakeWorkspace {
         let inner = Arc::new(Inner {
             state: Mutex::new(WorkspaceState::default()),
             cancel: CancellationToken::new(),
+            streams_abandoned: Arc::default(),
         });
         let (addr_tx, addr_rx) = oneshot::channel();
         let (stopped_tx, stopped_rx) = oneshot::channel();
@@ -514,6 +517,13 @@ impl FakeWorkspace {
         self.inner.lock().stats.clone()
     }
 
+    /// `slow-stream` responses whose reader went away before the end of the stream.
+    pub fn streams_abandoned(&self) -> u64 {
+        self.inner
+            .streams_abandoned
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Sets every counter back to zero.
     pub fn reset_stats(&self) {
         self.inner.lock().stats = Stats::default();
@@ -552,6 +562,8 @@ struct Inner {
     state: Mutex<WorkspaceState>,
     /// Cancelled at shutdown: ends open streams and waits.
     cancel: CancellationToken,
+    /// Event streams whose reader went away before `[DONE]`.
+    streams_abandoned: Arc<AtomicU64>,
 }
 
 impl Inner {
@@ -1068,7 +1080,7 @@ async fn serving(
     // Refusals and injected faults are counted where they are decided.
     let admitted = inner.lock().admit_serving(&method, &uri, &headers, body);
     let response = match admitted {
-        Ok(call) => call.respond(&inner.cancel).await,
+        Ok(call) => call.respond(&inner.cancel, &inner.streams_abandoned).await,
         Err(refusal) => return refusal,
     };
     let mut state = inner.lock();
@@ -1100,13 +1112,13 @@ struct ServingCall {
 }
 
 impl ServingCall {
-    async fn respond(self, cancel: &CancellationToken) -> Response {
+    async fn respond(self, cancel: &CancellationToken, abandoned: &Arc<AtomicU64>) -> Response {
         match self.behaviour {
             Behaviour::Echo => self.echo(),
             Behaviour::Chat => self.chat(),
             Behaviour::ToolCall => self.tool_call(true),
             Behaviour::ToolCallOneChunk => self.tool_call(false),
-            Behaviour::SlowStream => self.slow_stream(cancel),
+            Behaviour::SlowStream => self.slow_stream(cancel, abandoned.clone()),
             Behaviour::SlowHeaders => {
                 let delay = match self.param("delay_ms", 2000) {
                     Ok(ms) => Duration::from_millis(ms),
@@ -1236,7 +1248,7 @@ impl ServingCall {
         sse_response(events, Duration::ZERO, None)
     }
 
-    fn slow_stream(&self, cancel: &CancellationToken) -> Response {
+    fn slow_stream(&self, cancel: &CancellationToken, abandoned: Arc<AtomicU64>) -> Response {
         let (delay_ms, count) = match (self.param("delay_ms", 100), self.param("events", 5)) {
             (Ok(delay_ms), Ok(count)) if count <= 100_000 => (delay_ms, count),
             (Err(refusal), _) | (_, Err(refusal)) => return refusal,
@@ -1255,11 +1267,31 @@ impl ServingCall {
                 completion.chunk(delta, finish)
             })
             .collect();
-        sse_response(
+        let mut response = sse_response(
             events,
             Duration::from_millis(delay_ms),
             Some(cancel.clone()),
-        )
+        );
+        // Count a stream dropped before its end: a client disconnect must reach us through the proxy.
+        let guard = AbandonGuard {
+            abandoned,
+            finished: false,
+        };
+        let body = std::mem::take(response.body_mut());
+        let frames = futures_util::stream::unfold(
+            (body.into_data_stream(), guard),
+            |(mut frames, mut guard)| async move {
+                match frames.next().await {
+                    Some(frame) => Some((frame, (frames, guard))),
+                    None => {
+                        guard.mark_finished();
+                        None
+                    }
+                }
+            },
+        );
+        *response.body_mut() = Body::from_stream(frames);
+        response
     }
 
     fn status(&self) -> Response {
@@ -1389,6 +1421,26 @@ fn sse_response(
         Body::from_stream(frames),
     )
         .into_response()
+}
+
+struct AbandonGuard {
+    abandoned: Arc<AtomicU64>,
+    finished: bool,
+}
+
+impl AbandonGuard {
+    fn mark_finished(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.abandoned
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 /// False when cancelled first.
