@@ -263,10 +263,6 @@ pub struct Config {
 pub struct ConfigError(String);
 
 impl ConfigError {
-    pub(crate) fn unsupported() -> Self {
-        Self("PAT_ROTATION: rotation is not available yet".to_owned())
-    }
-
     /// A problem with the variable `name`.
     pub fn var(name: &str, problem: impl std::fmt::Display) -> Self {
         Self(format!("{name}: {problem}"))

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use fresh_token::{ConfigFileToken, FirstAvailable, StaticToken, TokenSource};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, TokenMode};
+use crate::config::{Config, ConfigError, IdlePolicyArg, TokenMode};
 use crate::metrics::Metrics;
+use crate::oauth::{OAuthConfig, OAuthSource};
+use crate::rotator::{IdlePolicy, Rotator, RotatorConfig, parse_sinks};
 use crate::status::{Activity, SourceKind, StatusCell, TokenStatus};
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -44,12 +46,12 @@ impl TokenSetup {
         let activity = Activity::default();
         match &config.token_mode {
             TokenMode::Follow { env_token } => {
+                drop(client);
                 let file = ConfigFileToken::new(&config.config_file, &config.profile);
                 let mut sources: Vec<Arc<dyn TokenSource>> = vec![Arc::new(file)];
                 if let Some(token) = env_token {
                     sources.push(Arc::new(StaticToken::new(token.clone())));
                 }
-                let _ = client;
                 Ok(Self {
                     source: Arc::new(FirstAvailable::new(sources)),
                     status: StatusCell::new(TokenStatus::new(SourceKind::File)),
@@ -58,7 +60,72 @@ impl TokenSetup {
                     task: None,
                 })
             }
-            TokenMode::Rotate { .. } | TokenMode::OAuth { .. } => Err(ConfigError::unsupported()),
+            TokenMode::Rotate { env_token } => {
+                let sinks = match &config.rotation.sinks {
+                    Some(spec) => {
+                        parse_sinks(spec).map_err(|err| ConfigError::var("PAT_SINKS", err))?
+                    }
+                    None => Vec::new(),
+                };
+                let settings = &config.rotation;
+                let rotator_config = RotatorConfig {
+                    config_file: config.config_file.clone(),
+                    profile: config.profile.clone(),
+                    host: config.host.as_str().trim_end_matches('/').to_owned(),
+                    lifetime: settings.lifetime,
+                    interval: settings.interval,
+                    idle_policy: match settings.idle_policy {
+                        IdlePolicyArg::Keepalive => IdlePolicy::Keepalive,
+                        IdlePolicyArg::Lapse => IdlePolicy::Lapse,
+                    },
+                    sessions_url: settings.sessions_url.as_ref().map(|u| u.to_string()),
+                    idle_after: settings.idle_after,
+                    revoke_grace: settings.revoke_grace,
+                    comment: settings.comment.clone(),
+                    sinks,
+                    revoke_bootstrap: settings.revoke_bootstrap,
+                };
+                let status = StatusCell::new(TokenStatus::new(SourceKind::Rotator));
+                let rotator = Rotator::new(
+                    rotator_config,
+                    client,
+                    env_token.clone(),
+                    status.clone(),
+                    metrics.clone(),
+                    activity.clone(),
+                );
+                Ok(Self {
+                    source: Arc::new(rotator.source()),
+                    status,
+                    metrics,
+                    activity,
+                    task: Some(Box::new(move |cancel| Box::pin(rotator.run(cancel)))),
+                })
+            }
+            TokenMode::OAuth {
+                client_id,
+                client_secret,
+            } => {
+                let status = StatusCell::new(TokenStatus::new(SourceKind::Oauth));
+                let oauth = OAuthSource::new(
+                    OAuthConfig {
+                        host: config.host.as_str().trim_end_matches('/').to_owned(),
+                        client_id: client_id.clone(),
+                        client_secret: client_secret.clone(),
+                    },
+                    client,
+                    status.clone(),
+                    metrics.clone(),
+                );
+                let task = oauth.clone();
+                Ok(Self {
+                    source: Arc::new(oauth),
+                    status,
+                    metrics,
+                    activity,
+                    task: Some(Box::new(move |cancel| Box::pin(task.run(cancel)))),
+                })
+            }
         }
     }
 
