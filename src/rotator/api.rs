@@ -181,7 +181,9 @@ impl TokenApi {
         comment: &str,
     ) -> Result<MintedToken, ApiError> {
         let body = json!({"lifetime_seconds": lifetime.as_secs().max(1), "comment": comment});
-        let bytes = self.call(reqwest::Method::POST, "token/create", auth, Some(body)).await?;
+        let bytes = self
+            .call(reqwest::Method::POST, "token/create", auth, Some(body))
+            .await?;
         let response: CreateResponse = parse(&bytes, "token/create")?;
         let info = response.token_info.into_info();
         let token = match info.expires_at {
@@ -203,7 +205,10 @@ impl TokenApi {
     /// `POST /api/2.0/token/delete`. An id the workspace does not know counts as done.
     pub async fn delete(&self, auth: &Token, token_id: &str) -> Result<Deleted, ApiError> {
         let body = json!({ "token_id": token_id });
-        match self.call(reqwest::Method::POST, "token/delete", auth, Some(body)).await {
+        match self
+            .call(reqwest::Method::POST, "token/delete", auth, Some(body))
+            .await
+        {
             Ok(_) => Ok(Deleted::Revoked),
             Err(ApiError::Invalid { status: 404, .. }) => Ok(Deleted::AlreadyGone),
             Err(err) => Err(err),
@@ -212,7 +217,9 @@ impl TokenApi {
 
     /// `GET /api/2.0/token/list`: the caller's live PATs.
     pub async fn list(&self, auth: &Token) -> Result<Vec<TokenInfo>, ApiError> {
-        let bytes = self.call(reqwest::Method::GET, "token/list", auth, None).await?;
+        let bytes = self
+            .call(reqwest::Method::GET, "token/list", auth, None)
+            .await?;
         let response: ListResponse = parse(&bytes, "token/list")?;
         Ok(response
             .token_infos
@@ -281,11 +288,15 @@ impl TokenApi {
             429 | 500..=599 => ApiError::Transient {
                 status: Some(status),
                 retry_after,
-                reason: format!("{path}: {status} {code} {message}").trim_end().to_owned(),
+                reason: format!("{path}: {status} {code} {message}")
+                    .trim_end()
+                    .to_owned(),
             },
             _ => ApiError::Invalid {
                 status,
-                reason: format!("{path}: {status} {code} {message}").trim_end().to_owned(),
+                reason: format!("{path}: {status} {code} {message}")
+                    .trim_end()
+                    .to_owned(),
             },
         })
     }
@@ -293,7 +304,9 @@ impl TokenApi {
 
 impl fmt::Debug for TokenApi {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenApi").field("host", &self.host).finish()
+        f.debug_struct("TokenApi")
+            .field("host", &self.host)
+            .finish()
     }
 }
 

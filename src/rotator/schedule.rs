@@ -178,7 +178,10 @@ pub fn next_action(now: SystemTime, state: ScheduleState<'_>, plan: &RotationPla
             .iter()
             .filter(|r| r.expires_at.is_none_or(|at| at > now))
     };
-    if let Some(revoke) = live_revokes().filter(|r| r.due <= now).min_by_key(|r| r.due) {
+    if let Some(revoke) = live_revokes()
+        .filter(|r| r.due <= now)
+        .min_by_key(|r| r.due)
+    {
         return Action::Revoke {
             token_id: revoke.token_id.clone(),
         };
@@ -319,7 +322,13 @@ mod tests {
                 ),
                 Action::Expired,
             ),
-            ("expired", &keep, 900, state(held(0, Some(900)), Active), Action::Expired),
+            (
+                "expired",
+                &keep,
+                900,
+                state(held(0, Some(900)), Active),
+                Action::Expired,
+            ),
             (
                 "inside the guard is as good as expired",
                 &keep,
@@ -341,7 +350,13 @@ mod tests {
                 state(held(0, Some(900)), Active),
                 Action::Sleep { until: at(600) },
             ),
-            ("active, at the interval", &keep, 600, state(held(0, Some(900)), Active), Action::Rotate),
+            (
+                "active, at the interval",
+                &keep,
+                600,
+                state(held(0, Some(900)), Active),
+                Action::Rotate,
+            ),
             (
                 "unknown sessions count as active",
                 &lapse,
@@ -352,7 +367,7 @@ mod tests {
             (
                 "active, short-lived token: expiry - margin comes first",
                 &keep,
-                50,
+                100,
                 state(held(0, Some(400)), Active),
                 Action::Rotate,
             ),
@@ -363,7 +378,13 @@ mod tests {
                 state(held(0, Some(10_000)), Idle),
                 Action::Sleep { until: at(9_700) },
             ),
-            ("keepalive idle, at expiry - margin", &keep, 600, state(held(0, Some(900)), Idle), Action::Rotate),
+            (
+                "keepalive idle, at expiry - margin",
+                &keep,
+                600,
+                state(held(0, Some(900)), Idle),
+                Action::Rotate,
+            ),
             (
                 "lapse idle: sleep until the token is dead, then report",
                 &lapse,
@@ -371,7 +392,13 @@ mod tests {
                 state(held(0, Some(900)), Idle),
                 Action::Sleep { until: at(898) },
             ),
-            ("lapse idle, expired", &lapse, 898, state(held(0, Some(900)), Idle), Action::Expired),
+            (
+                "lapse idle, expired",
+                &lapse,
+                898,
+                state(held(0, Some(900)), Idle),
+                Action::Expired,
+            ),
         ];
         for (name, plan, now, state, expected) in cases {
             assert_eq!(next_action(at(*now), *state, plan), *expected, "{name}");

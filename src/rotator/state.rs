@@ -52,6 +52,9 @@ pub struct SavedState {
     /// The token minted last, normally the one in the config file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<SavedToken>,
+    /// The token `current` replaced, while the new one is being written to the config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<SavedToken>,
     /// Tokens minted here and not yet revoked.
     #[serde(default)]
     pub revoke: Vec<SavedRevoke>,
@@ -165,28 +168,37 @@ pub fn resume(
             revokes: Vec::new(),
         };
     };
-    let live = |expires_at_ms: Option<u64>| expires_at_ms.is_none_or(|ms| from_ms(ms) > now + alive_for);
+    let live =
+        |expires_at_ms: Option<u64>| expires_at_ms.is_none_or(|ms| from_ms(ms) > now + alive_for);
     let mut revokes: Vec<PendingRevoke> = saved
         .revoke
         .iter()
         .filter(|r| live(r.expires_at_ms))
         .map(SavedRevoke::pending)
         .collect();
-    let mut current = None;
-    if let Some(token) = &saved.current {
-        if file_fingerprint == Some(token.fingerprint.as_str()) && live(token.expires_at_ms) {
-            current = Some(token.clone());
-        } else if live(token.expires_at_ms) {
-            // Minted here but no longer in the config file (replaced, or a crash before the
-            // file was written): nothing can use it, so it goes now.
+    // The config file holds `current` normally, or `previous` after a crash between minting
+    // and writing the file. The other one is of no use to anyone: it is revoked now.
+    let candidates = [&saved.current, &saved.previous];
+    let current = candidates
+        .iter()
+        .filter_map(|t| t.as_ref())
+        .find(|t| file_fingerprint == Some(t.fingerprint.as_str()) && live(t.expires_at_ms))
+        .cloned();
+    for orphan in candidates.into_iter().flatten() {
+        let in_use = current
+            .as_ref()
+            .is_some_and(|c| c.token_id == orphan.token_id);
+        if !in_use
+            && live(orphan.expires_at_ms)
+            && !revokes.iter().any(|r| r.token_id == orphan.token_id)
+        {
             revokes.push(PendingRevoke {
-                token_id: token.token_id.clone(),
+                token_id: orphan.token_id.clone(),
                 due: now,
-                expires_at: token.expires_at_ms.map(from_ms),
+                expires_at: orphan.expires_at_ms.map(from_ms),
             });
         }
     }
-    revokes.dedup_by(|a, b| a.token_id == b.token_id);
     Resumed { current, revokes }
 }
 
@@ -212,6 +224,7 @@ mod tests {
                 created_at_ms: ms(0),
                 expires_at_ms: Some(ms(current_expiry)),
             }),
+            previous: None,
             revoke: revokes
                 .iter()
                 .map(|(id, due, expires)| SavedRevoke {
@@ -292,6 +305,22 @@ mod tests {
             assert_eq!(resumed.current.is_some(), case.current, "{}", case.name);
             assert_eq!(ids(&resumed.revokes), case.revokes, "{}", case.name);
         }
+        // A crash after minting, before the config file was written: the file still holds the
+        // previous token, which is resumed; the new one is revoked now.
+        let mut crashed = state.clone();
+        crashed.previous = Some(SavedToken {
+            token_id: "prev".to_owned(),
+            fingerprint: "beef".to_owned(),
+            created_at_ms: ms(0),
+            expires_at_ms: Some(ms(800)),
+        });
+        let resumed = resume(at(620), Some(&crashed), "DEFAULT", Some("beef"), guard);
+        assert_eq!(resumed.current.unwrap().token_id, "prev");
+        assert_eq!(ids(&resumed.revokes), ["old", "cur"]);
+        let resumed = resume(at(620), Some(&crashed), "DEFAULT", Some("f00d"), guard);
+        assert_eq!(resumed.current.unwrap().token_id, "cur");
+        assert_eq!(ids(&resumed.revokes), ["old", "prev"]);
+
         let resumed = resume(at(620), Some(&state), "DEFAULT", Some("beef"), guard);
         assert_eq!(resumed.revokes[0].due, at(630), "due time kept");
         assert_eq!(resumed.revokes[1].due, at(620), "orphan due now");

@@ -35,13 +35,12 @@ impl ProxyProcess {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if line.contains("listening") {
-                    if let Some(addr) = line
-                        .split_whitespace()
-                        .find_map(|field| field.strip_prefix("address="))
-                    {
-                        let _ = tx.send(addr.trim_matches('"').to_owned());
-                    }
+                let address = line
+                    .split_whitespace()
+                    .find_map(|field| field.strip_prefix("address="))
+                    .filter(|_| line.contains("listening"));
+                if let Some(addr) = address {
+                    let _ = tx.send(addr.trim_matches('"').to_owned());
                 }
                 collected.lock().unwrap().push(line);
             }

@@ -1,0 +1,275 @@
+//! The real binary rotating against the fake workspace, with lifetimes of a few seconds.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::binary::{ProxyProcess, command};
+use common::fake_workspace::{FakeWorkspace, TokenKind};
+use common::{JsonBody, http_client, wait_until};
+use serde_json::{Value, json};
+
+const COMMENT: &str = "fresh-proxy-auto-rotated";
+
+fn write_home(ws: &FakeWorkspace) -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join(".databrickscfg"),
+        format!("[other]\nhost = https://other.example.com\ntoken = dapi-other-profile-0003\n\n[DEFAULT]\nhost = {}\n", ws.url()),
+    )
+    .unwrap();
+    home
+}
+
+fn rotating_proxy(
+    home: &Path,
+    bootstrap: &str,
+    lifetime: u32,
+    interval: u32,
+    grace: u32,
+) -> std::process::Command {
+    let mut cmd = command(home);
+    cmd.env("DATABRICKS_TOKEN", bootstrap)
+        .env("PAT_TOKEN_LIFETIME", lifetime.to_string())
+        .env("PAT_ROTATION_INTERVAL", interval.to_string())
+        .env("PAT_REVOKE_GRACE", grace.to_string())
+        .env("RUST_LOG", "debug");
+    cmd
+}
+
+async fn start(cmd: std::process::Command) -> ProxyProcess {
+    tokio::task::spawn_blocking(move || ProxyProcess::start(cmd))
+        .await
+        .unwrap()
+}
+
+async fn health(url: &str) -> Value {
+    let text = http_client()
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Tokens this proxy minted that the workspace still accepts.
+fn live_minted(ws: &FakeWorkspace) -> usize {
+    ws.live_tokens()
+        .iter()
+        .filter(|t| t.kind == TokenKind::Pat && t.comment == COMMENT)
+        .count()
+}
+
+/// Client loops that keep sending chat requests through `url` until stopped; they return the
+/// statuses of the requests that failed.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    clients: Vec<tokio::task::JoinHandle<Vec<u16>>>,
+}
+
+impl Load {
+    fn start(url: &str, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let clients = (0..clients)
+            .map(|_| {
+                let (stop, ok, url) = (stop.clone(), ok.clone(), url.to_owned());
+                tokio::spawn(async move {
+                    let client = http_client();
+                    let mut failures = Vec::new();
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let res = client
+                            .post(format!("{url}/chat/invocations"))
+                            .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+                            .send()
+                            .await;
+                        match res.map(|r| r.status().as_u16()) {
+                            Ok(200) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(status) => failures.push(status),
+                            Err(_) => failures.push(0),
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    failures
+                })
+            })
+            .collect();
+        Self { stop, ok, clients }
+    }
+
+    async fn finish(self) -> (usize, Vec<u16>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for client in self.clients {
+            failures.extend(client.await.unwrap());
+        }
+        (self.ok.load(Ordering::Relaxed), failures)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_rotations_under_load_fail_no_request() {
+    let ws = FakeWorkspace::start().await;
+    let bootstrap = ws.mint(Duration::from_secs(600));
+    let home = write_home(&ws);
+    let cfg = home.path().join(".databrickscfg");
+    let proxy = start(rotating_proxy(home.path(), &bootstrap.value, 4, 1, 1)).await;
+
+    let load = Load::start(&proxy.url(), 4);
+    wait_until(Duration::from_secs(60), "ten rotations", || async {
+        ws.stats().creates >= 11
+    })
+    .await;
+    let (served, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {failures:?}",
+        failures.len(),
+        served + failures.len()
+    );
+    assert!(served > 100, "only {served} requests were sent");
+
+    let h = health(&proxy.url()).await;
+    assert_eq!(h["token"]["source"], "rotator");
+    assert_eq!(h["token"]["rotating"], true);
+    assert!(h["token"]["rotations"].as_u64().unwrap() >= 10, "{h}");
+    assert_eq!(ws.stats().create_failures, 0);
+
+    // The file keeps its other profile and mode, and holds a live minted token.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(
+        text.contains(
+            "[other]\nhost = https://other.example.com\ntoken = dapi-other-profile-0003\n"
+        ),
+        "{text}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    let current = fresh_token::databrickscfg::read_profile(&cfg, "DEFAULT")
+        .unwrap()
+        .token
+        .unwrap();
+    assert!(ws.is_live(current.expose_secret()));
+    // At most the current token and one in its grace period are alive.
+    assert!(
+        live_minted(&ws) <= 2,
+        "{} minted tokens are live",
+        live_minted(&ws)
+    );
+
+    let logs = proxy.logs();
+    assert!(
+        !logs.contains(current.expose_secret()),
+        "the current token reached the logs"
+    );
+    assert!(
+        !logs.contains(&bootstrap.value),
+        "the bootstrap token reached the logs"
+    );
+    assert!(
+        !logs.to_ascii_lowercase().contains("bearer "),
+        "an Authorization header reached the logs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_leak_no_token() {
+    let ws = FakeWorkspace::start().await;
+    let bootstrap = ws.mint(Duration::from_secs(600));
+    let home = write_home(&ws);
+    let mut first = start(rotating_proxy(home.path(), &bootstrap.value, 6, 2, 2)).await;
+    wait_until(Duration::from_secs(30), "three rotations", || async {
+        ws.stats().creates >= 3
+    })
+    .await;
+    first.kill();
+
+    let second = start(rotating_proxy(home.path(), &bootstrap.value, 6, 2, 2)).await;
+    let creates = ws.stats().creates;
+    wait_until(Duration::from_secs(30), "two more rotations", || async {
+        ws.stats().creates >= creates + 2
+    })
+    .await;
+    // Past the grace period of the last rotation, only the current token and at most one in
+    // grace may be alive: everything minted before the crash was revoked.
+    wait_until(
+        Duration::from_secs(10),
+        "at most two live minted tokens",
+        || async { live_minted(&ws) <= 2 },
+    )
+    .await;
+    let h = health(&second.url()).await;
+    assert_eq!(h["token"]["rotating"], true);
+    let res = http_client()
+        .post(format!("{}/chat/invocations", second.url()))
+        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_one_rotates_and_the_other_takes_over() {
+    let ws = FakeWorkspace::start().await;
+    let bootstrap = ws.mint(Duration::from_secs(600));
+    let home = write_home(&ws);
+    let mut a = start(rotating_proxy(home.path(), &bootstrap.value, 6, 2, 1)).await;
+    wait_until(Duration::from_secs(20), "the first rotation", || async {
+        ws.stats().creates >= 1
+    })
+    .await;
+    let b = start(rotating_proxy(home.path(), &bootstrap.value, 6, 2, 1)).await;
+
+    assert_eq!(health(&a.url()).await["token"]["rotating"], true);
+    assert_eq!(health(&b.url()).await["token"]["rotating"], false);
+
+    // The follower serves with the leader's tokens through rotations.
+    let load = Load::start(&b.url(), 2);
+    let creates = ws.stats().creates;
+    wait_until(
+        Duration::from_secs(30),
+        "two rotations by the leader",
+        || async { ws.stats().creates >= creates + 2 },
+    )
+    .await;
+
+    a.kill();
+    let b_url = b.url();
+    wait_until(Duration::from_secs(30), "the follower to take over", || {
+        let url = b_url.clone();
+        async move { health(&url).await["token"]["rotating"] == true }
+    })
+    .await;
+    let creates = ws.stats().creates;
+    wait_until(
+        Duration::from_secs(30),
+        "a rotation by the new leader",
+        || async { ws.stats().creates > creates },
+    )
+    .await;
+    let (served, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} follower requests failed: {failures:?}",
+        failures.len(),
+        served + failures.len()
+    );
+    assert!(served > 20);
+}
