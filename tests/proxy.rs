@@ -691,3 +691,57 @@ async fn a_client_disconnect_cancels_the_upstream_stream() {
     )
     .await;
 }
+
+/// An upstream that sends two events of an SSE stream, then breaks the connection.
+async fn breaking_upstream() -> String {
+    use axum::body::Body;
+    use axum::response::IntoResponse;
+    let app = axum::Router::new().fallback(|| async {
+        use futures_util::StreamExt;
+        let events = futures_util::stream::iter(vec![
+            Ok(Bytes::from_static(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n")),
+            Ok(Bytes::from_static(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"b\"}}]}\n\ndata: {\"choi")),
+        ])
+        .chain(futures_util::stream::once(async {
+            // Let the first events reach the client before the connection breaks.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Err(std::io::Error::other("upstream died"))
+        }));
+        ([("content-type", "text/event-stream")], Body::from_stream(events)).into_response()
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/serving-endpoints")
+}
+
+#[tokio::test]
+async fn a_broken_upstream_stream_ends_with_an_error_event_not_a_corrupt_stream() {
+    let base = breaking_upstream().await;
+    let proxy = serve_with(settings(&base), shared("dapi-unused")).await;
+    let res = http_client()
+        .post(format!("{}/chat/invocations", proxy.url()))
+        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let raw = tokio::time::timeout(Duration::from_secs(10), res.text())
+        .await
+        .expect("the stream must end, not hang")
+        .expect("the stream must end cleanly, not abort");
+    let events: Vec<&str> = raw.split("\n\n").filter(|e| !e.trim().is_empty()).collect();
+    assert_eq!(events.len(), 3, "{raw:?}");
+    assert!(
+        events[0].contains("\"a\"") && events[1].contains("\"b\""),
+        "{raw:?}"
+    );
+    assert!(events[2].starts_with("event: error\ndata: "), "{raw:?}");
+    let error: Value =
+        serde_json::from_str(events[2].trim_start_matches("event: error\ndata: ")).unwrap();
+    assert_eq!(error["error"]["type"], "upstream_unreachable");
+    assert!(
+        !raw.contains("{\"choi\n"),
+        "the torn event must not be emitted as data"
+    );
+}

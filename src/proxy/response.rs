@@ -114,9 +114,9 @@ impl SseState {
         record(&self.metrics, self.rewriter.report());
         if let Some(err) = error {
             tracing::warn!(error = %without_url_text(err), "upstream stream broke off");
-            if !out.is_empty() && !out.ends_with(b"\n\n") {
-                out.extend_from_slice(b"\n\n");
-            }
+            // An event cut off by the failure must not be completed by the error event that
+            // follows: drop it.
+            out.truncate(complete_events_len(&out));
             // The client gets a well-formed event saying why, then a clean end of stream.
             out.extend_from_slice(
                 b"event: error\ndata: {\"error\":{\"type\":\"upstream_unreachable\",\"message\":\"the upstream stream broke off\"}}\n\n",
@@ -124,6 +124,20 @@ impl SseState {
         }
         out
     }
+}
+
+/// The length of the prefix of `out` made of complete events: up to the last blank line.
+fn complete_events_len(out: &[u8]) -> usize {
+    const BLANK_LINES: [&[u8]; 5] = [b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n", b"\r\n\n"];
+    BLANK_LINES
+        .iter()
+        .filter_map(|blank| {
+            out.windows(blank.len())
+                .rposition(|w| w == *blank)
+                .map(|at| at + blank.len())
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 fn without_url_text(err: &reqwest::Error) -> String {
@@ -173,4 +187,30 @@ fn sse_body(
         }
     });
     Body::from_stream(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::complete_events_len;
+
+    #[test]
+    fn complete_events_len_stops_at_the_last_blank_line() {
+        let cases: &[(&[u8], usize)] = &[
+            (b"", 0),
+            (b"data: {\"a", 0),
+            (b"data: 1\n\n", 9),
+            (b"data: 1\n\ndata: {\"choi", 9),
+            (b"data: 1\r\n\r\ndata: 2\r\n", 11),
+            (b"data: 1\r\rdata: 2\r", 9),
+            (b"data: 1\n\ndata: 2\r\n\r\ndata: 3\n", 20),
+        ];
+        for (out, expected) in cases {
+            assert_eq!(
+                complete_events_len(out),
+                *expected,
+                "{:?}",
+                String::from_utf8_lossy(out)
+            );
+        }
+    }
 }
