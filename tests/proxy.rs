@@ -745,3 +745,49 @@ async fn a_broken_upstream_stream_ends_with_an_error_event_not_a_corrupt_stream(
         "the torn event must not be emitted as data"
     );
 }
+
+/// An upstream that gzips everything it answers, event streams included.
+async fn gzipping_upstream() -> String {
+    use axum::body::Body;
+    use axum::response::IntoResponse;
+    use tower_http::compression::CompressionLayer;
+    use tower_http::compression::predicate::SizeAbove;
+    let app = axum::Router::new()
+        .fallback(|| async {
+            let stream = concat!(
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"databricks-tool-call\",\"arguments\":\"\"}}]}}]}\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"name\\\":\\\"read_file\\\",\\\"path\\\":\\\"/x\\\"}\"}}]}}]}\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+                "data: [DONE]\n\n",
+            );
+            ([("content-type", "text/event-stream")], Body::from(stream)).into_response()
+        })
+        .layer(CompressionLayer::new().gzip(true).compress_when(SizeAbove::new(0)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/serving-endpoints")
+}
+
+#[tokio::test]
+async fn gzip_from_upstream_is_decoded_so_the_stream_can_be_fixed() {
+    let base = gzipping_upstream().await;
+    let proxy = serve_with(settings(&base), shared("dapi-unused")).await;
+    let res = http_client()
+        .post(format!("{}/chat/invocations", proxy.url()))
+        .header("accept-encoding", "gzip")
+        .json_body(&json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}],
+            "stream": true
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.headers().get("content-encoding").is_none());
+    let events = SseReader::new(res).collect_data().await;
+    let text = events.join("\n");
+    assert!(text.contains("\"name\":\"read_file\""), "{text}");
+    assert!(!text.contains("databricks-tool-call"), "{text}");
+    assert!(text.contains("\"finish_reason\":\"tool_calls\""), "{text}");
+}
