@@ -42,7 +42,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::rotator::schedule::{Backoff, parse_retry_after};
+use crate::rotator::schedule::{Backoff, retry_after};
 use crate::status::{SourceKind, StatusCell};
 
 /// How long one token request may take.
@@ -285,11 +285,7 @@ impl Inner {
                 fail(format!("oidc/v1/token: {kind}"), None)
             })?;
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let retry_after = retry_after(response.headers(), SystemTime::now());
         let body = response
             .bytes()
             .await

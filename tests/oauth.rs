@@ -2,10 +2,10 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::fake_workspace::{Behaviour, FakeWorkspace};
+use common::logs::{capture_logs, logs};
 use common::{http_client, wait_until};
 use fresh_proxy::metrics::Metrics;
 use fresh_proxy::oauth::{OAuthConfig, OAuthSource};
@@ -16,40 +16,6 @@ use tokio_util::sync::CancellationToken;
 const CLIENT_ID: &str = "sp-client-id";
 const CLIENT_SECRET: &str = "dose-s3cr3t-client-secret";
 const DEADLINE: Duration = Duration::from_secs(15);
-
-static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Every test of this binary logs into one buffer, at DEBUG for every crate.
-fn capture_logs() {
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = Arc::clone(&buffer);
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || LogWriter(Arc::clone(&writer)))
-            .init();
-        buffer
-    });
-}
-
-fn logs() -> String {
-    let buffer = LOGS.get().expect("capture_logs() first");
-    String::from_utf8_lossy(&buffer.lock().unwrap()).into_owned()
-}
 
 fn assert_no_secret_in_logs(tokens: &[Token]) {
     let logs = logs();

@@ -692,6 +692,14 @@ async fn a_client_disconnect_cancels_the_upstream_stream() {
     .await;
 }
 
+/// Serve `app` on a loopback port as a stand-in upstream; returns its serving base URL.
+async fn serve_upstream(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/serving-endpoints")
+}
+
 /// An upstream that sends two events of an SSE stream, then breaks the connection.
 async fn breaking_upstream() -> String {
     use axum::body::Body;
@@ -709,10 +717,7 @@ async fn breaking_upstream() -> String {
         }));
         ([("content-type", "text/event-stream")], Body::from_stream(events)).into_response()
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}/serving-endpoints")
+    serve_upstream(app).await
 }
 
 #[tokio::test]
@@ -763,10 +768,7 @@ async fn gzipping_upstream() -> String {
             ([("content-type", "text/event-stream")], Body::from(stream)).into_response()
         })
         .layer(CompressionLayer::new().gzip(true).compress_when(SizeAbove::new(0)));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}/serving-endpoints")
+    serve_upstream(app).await
 }
 
 #[tokio::test]

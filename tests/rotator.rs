@@ -5,10 +5,10 @@ mod common;
 use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::fake_workspace::{Behaviour, FakeWorkspace};
+use common::logs::{capture_logs, logs};
 use common::{http_client, wait_until};
 use fresh_proxy::metrics::Metrics;
 use fresh_proxy::rotator::state::{self, SavedState};
@@ -22,43 +22,6 @@ use tokio_util::sync::CancellationToken;
 const COMMENT: &str = "fresh-proxy-test";
 const DEADLINE: Duration = Duration::from_secs(30);
 const OTHER_TOKEN: &str = "dapi-other-profile-token";
-
-// ---------------------------------------------------------------------------------------------
-// Log capture: every test in this binary logs into one buffer, at DEBUG for every crate
-// (reqwest and hyper included), and tests assert that no token value they saw shows up there.
-
-static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_logs() {
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = Arc::clone(&buffer);
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || LogWriter(Arc::clone(&writer)))
-            .init();
-        buffer
-    });
-}
-
-fn logs() -> String {
-    let buffer = LOGS.get().expect("capture_logs() first");
-    String::from_utf8_lossy(&buffer.lock().unwrap()).into_owned()
-}
 
 fn assert_no_secret_in_logs<'a>(values: impl IntoIterator<Item = &'a String>) {
     let logs = logs();

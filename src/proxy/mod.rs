@@ -223,7 +223,7 @@ impl Forwarder {
                 limit: self.max_body,
             }),
             Ok(Err(err)) => {
-                tracing::warn!(error = %without_url(&err), "upstream request failed");
+                tracing::warn!(error = %describe_error(&err), "upstream request failed");
                 Err(ProxyError::UpstreamUnreachable)
             }
             Ok(Ok(res)) => Ok(res),
@@ -260,8 +260,8 @@ fn is_body_limit(err: &reqwest::Error) -> bool {
     false
 }
 
-/// reqwest errors print the URL; the path is harmless but keep logs about the failure itself.
-fn without_url(err: &reqwest::Error) -> String {
+/// An upstream error with its causes, the URL replaced: logs say what failed, not where.
+fn describe_error(err: &reqwest::Error) -> String {
     let mut text = err.to_string();
     if let Some(url) = err.url() {
         text = text.replace(url.as_str(), "<upstream>");

@@ -10,6 +10,7 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use http::HeaderValue;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 
+use super::describe_error;
 use super::error::ProxyError;
 use super::headers::client_response_headers;
 use crate::filter::{self, FilterReport, SseLimits, SseRewriter, ToolContext};
@@ -75,7 +76,7 @@ async fn read_json(
         let mut chunks = upstream.bytes_stream();
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|err| {
-                tracing::warn!(error = %err.without_url(), "upstream body broke off");
+                tracing::warn!(error = %describe_error(&err), "upstream body broke off");
                 ProxyError::UpstreamUnreachable
             })?;
             body.extend_from_slice(&chunk);
@@ -113,7 +114,7 @@ impl SseState {
         self.rewriter.finish(&mut out);
         record(&self.metrics, self.rewriter.report());
         if let Some(err) = error {
-            tracing::warn!(error = %without_url_text(err), "upstream stream broke off");
+            tracing::warn!(error = %describe_error(err), "upstream stream broke off");
             // An event cut off by the failure must not be completed by the error event that
             // follows: drop it.
             out.truncate(complete_events_len(&out));
@@ -138,14 +139,6 @@ fn complete_events_len(out: &[u8]) -> usize {
         })
         .max()
         .unwrap_or(0)
-}
-
-fn without_url_text(err: &reqwest::Error) -> String {
-    let mut text = err.to_string();
-    if let Some(url) = err.url() {
-        text = text.replace(url.as_str(), "<upstream>");
-    }
-    text
 }
 
 /// The SSE body: events that need no change go out as soon as they are complete; nothing

@@ -11,7 +11,7 @@ use fresh_token::Token;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::schedule::parse_retry_after;
+use super::schedule::retry_after;
 
 /// How long one API call may take.
 pub const API_TIMEOUT: Duration = Duration::from_secs(30);
@@ -262,11 +262,7 @@ impl TokenApi {
             reason: format!("{path}: {}", describe(&err)),
         })?;
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let retry_after = retry_after(response.headers(), SystemTime::now());
         let bytes = response.bytes().await.map_err(|err| ApiError::Transient {
             status: Some(status),
             retry_after,

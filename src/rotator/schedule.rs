@@ -254,6 +254,14 @@ impl Backoff {
     }
 }
 
+/// The delay the `Retry-After` header of `headers` asks for at `now`, if any.
+pub fn retry_after(headers: &http::HeaderMap, now: SystemTime) -> Option<Duration> {
+    headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, now))
+}
+
 /// The delay a `Retry-After` header asks for at `now`: delta-seconds or an HTTP date.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();

@@ -6,6 +6,7 @@
 pub mod binary;
 pub mod fake_workspace;
 pub mod harness;
+pub mod logs;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
