@@ -1,6 +1,7 @@
 //! Prometheus metrics, served as text at `/metrics`.
 
 use std::fmt;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -31,7 +32,7 @@ pub struct Metrics {
     upstream_latency: Histogram,
     retries: Counter,
     rotations: Family<ResultLabel, Counter>,
-    token_expiry: Gauge,
+    token_expiry: Gauge<f64, AtomicU64>,
     filter_actions: Family<KindLabel, Counter>,
     registry: std::sync::Arc<Registry>,
 }
@@ -49,7 +50,7 @@ impl Metrics {
         let upstream_latency = Histogram::new(exponential_buckets(0.001, 2.0, 18));
         let retries = Counter::default();
         let rotations = Family::<ResultLabel, Counter>::default();
-        let token_expiry = Gauge::default();
+        let token_expiry = Gauge::<f64, AtomicU64>::default();
         let filter_actions = Family::<KindLabel, Counter>::default();
         let mut registry = Registry::with_prefix("fresh_proxy");
         registry.register(
@@ -74,7 +75,7 @@ impl Metrics {
         );
         registry.register(
             "token_seconds_to_expiry",
-            "Seconds until the current token expires (negative once expired)",
+            "Seconds until the current token expires (negative once expired, NaN when unknown)",
             token_expiry.clone(),
         );
         registry.register(
@@ -127,9 +128,11 @@ impl Metrics {
             .inc_by(count);
     }
 
-    /// Prometheus text exposition, with the token gauge set to `seconds_to_expiry`.
+    /// Prometheus text exposition, with the token gauge set to `seconds_to_expiry`. An unknown
+    /// expiry is NaN, so that no threshold alert mistakes it for "expires now".
     pub fn render(&self, seconds_to_expiry: Option<i64>) -> String {
-        self.token_expiry.set(seconds_to_expiry.unwrap_or(0));
+        self.token_expiry
+            .set(seconds_to_expiry.map_or(f64::NAN, |secs| secs as f64));
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -164,7 +167,7 @@ mod tests {
             "fresh_proxy_retries_total 1",
             "fresh_proxy_rotations_total{result=\"ok\"} 1",
             "fresh_proxy_filter_actions_total{kind=\"empty_text_dropped\"} 3",
-            "fresh_proxy_token_seconds_to_expiry 812",
+            "fresh_proxy_token_seconds_to_expiry 812.0",
             "fresh_proxy_upstream_latency_seconds_count 1",
         ] {
             assert!(

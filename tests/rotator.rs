@@ -637,3 +637,41 @@ async fn lapse_lets_an_idle_token_expire_and_resumes_from_the_config_file() {
     assert!(setup.workspace.stats().requests > requests);
     rotator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_the_minted_token_expired_makes_no_call_with_it() {
+    let setup = Setup::new().await;
+    let config = setup.config(2, 1_000, 200);
+    let first = Instance::launch(config.clone(), None);
+    first.wait_rotations(1).await;
+    first.stop().await;
+    let minted = databrickscfg::read_profile(&setup.config_file, "DEFAULT")
+        .unwrap()
+        .token
+        .unwrap();
+    wait_until(DEADLINE, "the minted token to expire", || async {
+        !setup.workspace.is_live(minted.expose_secret())
+    })
+    .await;
+
+    let stats = setup.workspace.stats();
+    let second = Instance::launch(config, None);
+    // The state file knows the token's expiry: it is reported expired, not treated as a
+    // bootstrap token of unknown expiry that would be used to mint.
+    let status = second.status.get();
+    assert!(status.present);
+    assert!(
+        status
+            .expires_at
+            .is_some_and(|at| at <= std::time::SystemTime::now()),
+        "{status:?}"
+    );
+    wait_until(DEADLINE, "expiry reported", || async {
+        logs().contains("no API call is made with it")
+    })
+    .await;
+    let after = setup.workspace.stats();
+    assert_eq!(after.creates, stats.creates, "no mint with a dead token");
+    assert_eq!(after.denied, stats.denied, "no call with a dead token");
+    second.stop().await;
+}

@@ -269,10 +269,23 @@ impl Engine {
             previous: None,
             revoke: Vec::new(),
         };
+        // A token this proxy minted that is still in the file but past its expiry (the proxy
+        // was stopped for longer than a lifetime): its expiry is known, so it is not mistaken
+        // for a bootstrap token of unknown expiry and no API call is made with it.
+        let expired_minted = saved.as_ref().and_then(|saved| {
+            [&saved.current, &saved.previous]
+                .into_iter()
+                .flatten()
+                .find(|t| file_fp.as_deref() == Some(t.fingerprint.as_str()))
+                .cloned()
+        });
         self.held = match (resumed.current, file_token, self.env_token.clone()) {
             (Some(saved), Some(token), _) => Some(minted_held(token, &saved)),
             (_, _, Some(env)) => Some(adopted_held(env, Origin::Env, now)),
-            (_, Some(token), None) => Some(adopted_held(token, Origin::File, now)),
+            (_, Some(token), None) => Some(match &expired_minted {
+                Some(saved) => minted_held(token, saved),
+                None => adopted_held(token, Origin::File, now),
+            }),
             (_, None, None) => None,
         };
         if let Some(held) = &self.held {
