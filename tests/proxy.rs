@@ -338,11 +338,17 @@ async fn requests_are_sanitised_before_they_leave() {
     let pat = ws.mint(Duration::from_secs(60));
     let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
     let request = json!({
+        "model": "databricks-claude",
         "messages": [
             {"role": "user", "content": [{"type": "text", "text": "  "}, {"type": "text", "text": "hi"}]},
             {"role": "assistant", "content": ""},
             {"role": "user", "content": "again"}
         ],
+        "tools": [{"type": "function", "function": {"name": "edit", "parameters": {
+            "type": "object",
+            "properties": {"zeta": {"type": "string"}, "alpha": {"type": "string"}},
+            "additionalProperties": false
+        }}}],
         "stream_options": {"include_usage": true}
     });
     let res = http_client()
@@ -363,6 +369,16 @@ async fn requests_are_sanitised_before_they_leave() {
         2,
         "{forwarded}"
     );
+    // A rewritten body keeps the client's key order: models read schemas in order.
+    let text = echo["body_text"].as_str().unwrap();
+    let position = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("{needle} in {text}"))
+    };
+    assert!(position("\"model\"") < position("\"messages\""), "{text}");
+    assert!(position("\"messages\"") < position("\"tools\""), "{text}");
+    assert!(position("\"zeta\"") < position("\"alpha\""), "{text}");
+    assert!(!text.contains("additionalProperties"), "{text}");
     let metrics = proxy.state.metrics().render(None);
     assert!(
         metrics.contains("fresh_proxy_filter_actions_total{kind=\"stream_options_removed\"} 1"),

@@ -150,11 +150,9 @@ impl Cursor<'_> {
                 let value_end = self.pos;
                 self.skip_ws();
                 let cut = match self.peek()? {
-                    b',' => {
-                        self.pos += 1;
-                        self.skip_ws();
-                        key_start..self.pos
-                    }
+                    // Whitespace after the comma stays: whether it has arrived yet depends on
+                    // how the arguments were streamed, and the result must not.
+                    b',' => key_start..self.pos + 1,
                     b'}' => prev_comma.unwrap_or(key_start)..value_end,
                     _ => return Err(Stop::Invalid),
                 };
@@ -177,7 +175,7 @@ impl Cursor<'_> {
 /// Scans `text`, the (possibly partial) arguments of a tool call, for its top-level `"name"`.
 ///
 /// `Found` is only returned once the character after the name's value is known, so that the
-/// comma to remove with it is known too.
+/// comma to remove with it is known too. The cut never depends on text after that character.
 pub(crate) fn scan_name(text: &str) -> NameScan {
     let mut cursor = Cursor { text, pos: 0 };
     match cursor.scan() {
@@ -213,7 +211,7 @@ mod tests {
             (
                 r#"{"name": "read", "path": "/x"}"#,
                 "read",
-                r#"{"path": "/x"}"#,
+                r#"{ "path": "/x"}"#,
             ),
             (r#"{"path":"/x","name":"read"}"#, "read", r#"{"path":"/x"}"#),
             (

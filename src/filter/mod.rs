@@ -1,4 +1,50 @@
 //! Content filter: pure request, response and SSE rewriting.
+//!
+//! Databricks model serving rejects some requests that agents send (empty text blocks, tool
+//! results whose call is gone, JSON-Schema keywords some models refuse), and some served models
+//! answer with defects agents choke on (tool calls named `databricks-tool-call` with the real
+//! name inside the arguments, `finish_reason: "stop"` on tool calls). This module fixes both
+//! sides without I/O:
+//!
+//! * [`sanitize_request_bytes`] / [`sanitize_request`] clean a chat request, to a fixed point;
+//! * [`fix_response_bytes`] / [`fix_response`] fix a JSON chat completion;
+//! * [`SseRewriter`] fixes a streamed one, chunk by chunk.
+//!
+//! Each reports what it changed in a [`FilterReport`], counted by [`FilterAction`]. Input that
+//! needs no change is never re-serialised: the caller forwards the original bytes.
+//!
+//! ```
+//! use fresh_proxy::filter::{fix_response_bytes, sanitize_request_bytes};
+//!
+//! let request = br#"{"model": "m", "stream_options": {"include_usage": true},
+//!     "messages": [{"role": "user", "content": [{"type": "text", "text": " "},
+//!                                               {"type": "text", "text": "hi"}]}],
+//!     "tools": [{"type": "function", "function": {"name": "bash", "parameters": {}}}]}"#;
+//! let outcome = sanitize_request_bytes(request);
+//! let sanitised: serde_json::Value = serde_json::from_slice(&outcome.body.unwrap())?;
+//! assert_eq!(sanitised["messages"][0]["content"].as_array().unwrap().len(), 1);
+//! assert!(sanitised.get("stream_options").is_none());
+//! assert_eq!(
+//!     outcome.report.iter().collect::<Vec<_>>(),
+//!     [("empty_text_dropped", 1), ("stream_options_removed", 1)]
+//! );
+//!
+//! // The response to it names the tool inside the arguments.
+//! let response = br#"{"choices": [{"index": 0, "finish_reason": "stop", "message": {
+//!     "role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+//!     "name": "databricks-tool-call", "arguments": "{\"name\": \"bash\", \"cmd\": \"ls\"}"}}]}}]}"#;
+//! let (fixed, report) = fix_response_bytes(response, &outcome.tools);
+//! let fixed: serde_json::Value = serde_json::from_slice(&fixed.unwrap())?;
+//! let call = &fixed["choices"][0]["message"]["tool_calls"][0]["function"];
+//! assert_eq!(call["name"], "bash");
+//! assert_eq!(call["arguments"], r#"{ "cmd": "ls"}"#);
+//! assert_eq!(fixed["choices"][0]["finish_reason"], "tool_calls");
+//! assert_eq!(report.total(), 2);
+//!
+//! // A request with nothing to fix is not re-serialised.
+//! assert!(sanitize_request_bytes(br#"{"messages": []}"#).body.is_none());
+//! # Ok::<(), serde_json::Error>(())
+//! ```
 
 mod arguments;
 #[cfg(test)]

@@ -12,8 +12,13 @@ use super::{
     sanitize_request_bytes,
 };
 
-/// Suite time matters more than depth here; the fuzz targets go deeper.
+/// Suite time matters more than depth here; the fuzz targets go deeper. `PROPTEST_CASES`
+/// overrides the count for a longer run.
 fn config(cases: u32) -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(cases);
     ProptestConfig {
         cases,
         ..ProptestConfig::default()
@@ -71,10 +76,10 @@ fn call_arguments() -> impl Strategy<Value = String> {
 /// `databricks-tool-call`), comments, non-JSON events, a finish_reason, `[DONE]`, and junk after.
 fn stream_events() -> impl Strategy<Value = Vec<Event>> {
     let piece = prop_oneof![
-        3 => "[a-z \"\\\\]{0,8}".prop_map(|t| vec![Event::Json(content_chunk(&t))]),
+        2 => "[a-z \"\\\\]{0,8}".prop_map(|t| vec![Event::Json(content_chunk(&t))]),
         1 => Just(vec![Event::Comment]),
         1 => "[a-z:]{0,6}".prop_map(|t| vec![Event::NotJson(t)]),
-        3 => (call_arguments(), prop::collection::vec(0..40usize, 0..6), any::<bool>())
+        4 => (call_arguments(), prop::collection::vec(0..40usize, 0..6), prop::bool::weighted(0.8))
             .prop_map(|(args, cuts, placeholder)| {
                 let mut cuts: Vec<usize> = cuts
                     .into_iter()
@@ -95,8 +100,8 @@ fn stream_events() -> impl Strategy<Value = Vec<Event>> {
             }),
     ];
     (
-        prop::collection::vec(piece, 0..6),
-        prop_oneof![Just("stop"), Just("length"), Just("tool_calls")],
+        prop::collection::vec(piece, 1..6),
+        prop_oneof![3 => Just("stop"), 1 => Just("length"), 1 => Just("tool_calls")],
         any::<bool>(),
     )
         .prop_map(|(pieces, reason, done)| {
@@ -165,7 +170,7 @@ fn split_at_points<'a>(input: &'a [u8], points: &[usize]) -> Vec<&'a [u8]> {
 fn limits() -> impl Strategy<Value = SseLimits> {
     prop_oneof![
         2 => Just(SseLimits::default()),
-        1 => (1..6usize, 100..800usize, 80..400usize).prop_map(|(events, bytes, event)| SseLimits {
+        1 => (1..6usize, 100..1500usize, 150..2000usize).prop_map(|(events, bytes, event)| SseLimits {
             max_held_events: events,
             max_held_bytes: bytes,
             max_event_bytes: event,
@@ -175,9 +180,9 @@ fn limits() -> impl Strategy<Value = SseLimits> {
 
 fn tools() -> impl Strategy<Value = ToolContext> {
     prop_oneof![
-        Just(ToolContext::default()),
-        Just(ToolContext::new(["bash", "read_file"])),
-        Just(ToolContext::new([DATABRICKS_TOOL_CALL, "bash"])),
+        2 => Just(ToolContext::default()),
+        2 => Just(ToolContext::new(["bash", "read_file"])),
+        1 => Just(ToolContext::new([DATABRICKS_TOOL_CALL, "bash"])),
     ]
 }
 

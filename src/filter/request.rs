@@ -58,9 +58,11 @@ pub fn sanitize_request_bytes(body: &[u8]) -> RequestOutcome {
             tools,
         };
     }
-    match serde_json::to_vec(&value) {
-        Ok(body) => RequestOutcome {
-            body: Some(body),
+    // A sanitised request is about as large as the original.
+    let mut new_body = Vec::with_capacity(body.len());
+    match serde_json::to_writer(&mut new_body, &value) {
+        Ok(()) => RequestOutcome {
+            body: Some(new_body),
             report,
             tools,
         },

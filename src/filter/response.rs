@@ -211,7 +211,7 @@ mod tests {
         let none = ToolContext::default();
         let own = ToolContext::new(["databricks-tool-call", "read_file"]);
         let args = r#"{"name": "read_file", "path": "/x"}"#;
-        let rest = json!(r#"{"path": "/x"}"#);
+        let rest = json!(r#"{ "path": "/x"}"#);
         let dbx = "databricks-tool-call";
         let both: &[(&str, u64)] = &[("tool_name_remapped", 1), ("finish_reason_fixed", 1)];
         let finish_only: &[(&str, u64)] = &[("finish_reason_fixed", 1)];

@@ -72,10 +72,7 @@ fn streamed_call_is_remapped_once_its_name_is_known() {
     assert_eq!(view.text, "Let me look.");
     assert_eq!(
         view.calls[&(0, 0)],
-        (
-            "read_file".to_owned(),
-            "{\"pa\"th\": \"/x\"}".replace("\"pa\"", "\"pa")
-        )
+        ("read_file".to_owned(), "{ \"path\": \"/x\"}".to_owned())
     );
     assert_eq!(view.finish_reasons, ["tool_calls"]);
     assert!(view.done && view.after_done == 0 && view.renamed == 0);
@@ -106,13 +103,13 @@ fn held_events_are_released_as_soon_as_the_name_is_decided() {
     rewriter.push(sse(&call_args(0, ", ")).as_bytes(), &mut out);
     assert_eq!(
         client_view(&out).calls[&(0, 0)],
-        ("bash".to_owned(), "{".to_owned())
+        ("bash".to_owned(), "{ ".to_owned())
     );
     let before = out.len();
     let tail = sse(&call_args(0, "\"cmd\": \"ls\"}"));
     rewriter.push(tail.as_bytes(), &mut out);
     assert_eq!(&out[before..], tail.as_bytes());
-    assert_eq!(client_view(&out).calls[&(0, 0)].1, "{\"cmd\": \"ls\"}");
+    assert_eq!(client_view(&out).calls[&(0, 0)].1, "{ \"cmd\": \"ls\"}");
 }
 
 /// Python defect: tool arguments were sent twice (held fragments replayed after the merged
@@ -125,7 +122,7 @@ fn regression_arguments_are_not_duplicated() {
     let view = client_view(&out);
     assert_eq!(
         view.calls[&(0, 0)],
-        ("bash".to_owned(), "{\"cmd\": \"echo hi\"}".to_owned())
+        ("bash".to_owned(), "{ \"cmd\": \"echo hi\"}".to_owned())
     );
     let text = String::from_utf8(out).unwrap();
     assert_eq!(text.matches("echo hi").count(), 1);
@@ -298,7 +295,7 @@ fn regression_data_without_space_and_multi_line_events() {
         let view = client_view(&out);
         assert_eq!(
             view.calls[&(0, 0)],
-            ("bash".to_owned(), "{\"cmd\": \"ls\"}".to_owned()),
+            ("bash".to_owned(), "{ \"cmd\": \"ls\"}".to_owned()),
             "{stream}"
         );
         assert_eq!(report.get(FilterAction::ToolNameRemapped), 1);
@@ -413,7 +410,7 @@ fn parallel_calls_and_repeated_names() {
     let view = client_view(&out);
     assert_eq!(
         view.calls[&(0, 0)],
-        ("read_file".to_owned(), "{\"path\": \"/x\"}".to_owned())
+        ("read_file".to_owned(), "{ \"path\": \"/x\"}".to_owned())
     );
     assert_eq!(
         view.calls[&(0, 1)],
@@ -475,4 +472,30 @@ fn rewritten_events_keep_their_other_fields() {
     assert_eq!(lines[..3], ["id: 41", "event: chunk", ": note"]);
     assert!(lines[3].starts_with("data: {"));
     assert_eq!(lines[4..], ["retry: 5", ""]);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn line_end_search_matches_a_plain_scan(bytes in proptest::collection::vec(
+        proptest::prop_oneof![
+            8 => proptest::prelude::any::<u8>(),
+            1 => proptest::prelude::Just(b'\n'),
+            1 => proptest::prelude::Just(b'\r'),
+        ],
+        0..64,
+    )) {
+        let plain = bytes.iter().position(|&b| b == b'\n' || b == b'\r');
+        proptest::prop_assert_eq!(find_line_end(&bytes), plain);
+    }
+}
+
+#[test]
+fn rewriter_and_context_cross_threads() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send::<SseRewriter>();
+    send_sync::<ToolContext>();
+    send_sync::<FilterReport>();
 }
