@@ -1,0 +1,470 @@
+#!/usr/bin/env bash
+# Load harness for fresh-proxy.
+#
+# Starts a fast fake upstream, the release proxy (follower mode, full filter), and a reference
+# passthrough (nginx proxy_pass, or the harness's own hyper passthrough when nginx is absent);
+# loads direct-to-upstream, reference and proxy in alternation with wrk POSTing the 3.7 KB agent
+# request; then runs 1,000 concurrent slow SSE streams through a fresh proxy. Prints throughput
+# ratio, added p50/p99 latency, peak RSS, and whether each target is met.
+#
+# Loopback only. Every load run is bounded in time and count; the servers stop when this script
+# ends (and by themselves after --max-seconds).
+#
+# Usage: tools/loadtest/run.sh
+# Settings, from the environment:
+#   ROUNDS=3            alternating rounds (direct, reference, proxy in each)
+#   DURATION=10         seconds per wrk run; WARMUP=2 seconds per target before round 1
+#   CONNECTIONS=32      wrk connections for the throughput and added-latency targets
+#   PACED_DELAY_MS=16   also run CONNECTIONS connections that each pause this long between
+#                       requests (about 2,000 req/s in all: loaded, not saturated; empty: skip)
+#   LOW_CONNECTIONS=1   also measure added latency at this concurrency (empty: skip)
+#   WRK_THREADS=1       wrk threads
+#   UPSTREAM_THREADS=1  worker threads of the fake upstream
+#   REFERENCE=auto      auto | nginx | hyper
+#   NGINX_WORKERS=auto  nginx worker_processes
+#   NGINX_KEEPALIVE=0   1: nginx keeps upstream connections alive (HTTP/1.1, keepalive 64)
+#   WRK_CPUS= UPSTREAM_CPUS= PROXY_CPUS=   taskset CPU lists (PROXY_CPUS also pins the reference)
+#   SSE_STREAMS=1000 SSE_EVENTS=10 SSE_INTERVAL_MS=100
+#   SKIP_BUILD=0        1: use the binaries already in target/release
+#   SKIP_THROUGHPUT=0 SKIP_SSE=0
+#   PROXY_BIN=          the proxy binary (default target/release/fresh-proxy)
+#   PROXY_ENV=          extra KEY=VALUE words for the proxy's environment (e.g. an LD_PRELOAD)
+#   PERF=0              1: after the measured rounds, `perf record` the proxy during one more run
+# Output: stdout, also kept in target/loadtest/ (last-run.txt, results.tsv, perf.data).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+
+ROUNDS="${ROUNDS:-3}"
+DURATION="${DURATION:-10}"
+WARMUP="${WARMUP:-2}"
+CONNECTIONS="${CONNECTIONS:-32}"
+LOW_CONNECTIONS="${LOW_CONNECTIONS-1}"
+PACED_DELAY_MS="${PACED_DELAY_MS-16}"
+WRK_THREADS="${WRK_THREADS:-1}"
+UPSTREAM_THREADS="${UPSTREAM_THREADS:-1}"
+REFERENCE="${REFERENCE:-auto}"
+NGINX_WORKERS="${NGINX_WORKERS:-auto}"
+NGINX_KEEPALIVE="${NGINX_KEEPALIVE:-0}"
+WRK_CPUS="${WRK_CPUS:-}"
+UPSTREAM_CPUS="${UPSTREAM_CPUS:-}"
+PROXY_CPUS="${PROXY_CPUS:-}"
+SSE_STREAMS="${SSE_STREAMS:-1000}"
+SSE_EVENTS="${SSE_EVENTS:-10}"
+SSE_INTERVAL_MS="${SSE_INTERVAL_MS:-100}"
+SKIP_BUILD="${SKIP_BUILD:-0}"
+SKIP_THROUGHPUT="${SKIP_THROUGHPUT:-0}"
+SKIP_SSE="${SKIP_SSE:-0}"
+PROXY_ENV="${PROXY_ENV:-}"
+PERF="${PERF:-0}"
+OUT="$ROOT/target/loadtest"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/last-run.txt") 2>&1
+
+BODY="$ROOT/tools/loadtest/agent-request.json"
+LUA="$ROOT/tools/loadtest/post.lua"
+PROXY_BIN="${PROXY_BIN:-$ROOT/target/release/fresh-proxy}"
+LT="$ROOT/target/release/loadtest"
+ENDPOINT_PATH="/databricks-claude-sonnet-4/invocations"
+TOKEN="dapi0123456789abcdef0123456789abcdef-loadtest"
+MAX_SECONDS=1800
+CLK_TCK="$(getconf CLK_TCK)"
+
+say() { printf '%s\n' "$*"; }
+die() { say "run.sh: $*" >&2; exit 1; }
+
+# `pin CPUS`: sets PIN to the taskset prefix for a CPU list (empty: no pinning). Background
+# processes are started as `"${PIN[@]}" cmd &` so that $! is the process itself, not a subshell.
+PIN=()
+pin() {
+    PIN=()
+    if [[ -n "$1" ]]; then PIN=(taskset -c "$1"); fi
+}
+
+command -v wrk >/dev/null || die "wrk is required: apt-get install -y wrk"
+command -v curl >/dev/null || die "curl is required: apt-get install -y curl"
+
+# 1,000 streams hold 2,000 sockets in the proxy: raise the soft open-files limit to the hard one.
+need_files=$((SSE_STREAMS * 2 + 256))
+if [[ "$(ulimit -n)" != unlimited && "$(ulimit -n)" -lt "$need_files" ]]; then
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+fi
+files_limit="$(ulimit -n)"
+if [[ "$files_limit" != unlimited && "$files_limit" -lt "$need_files" ]]; then
+    say "warning: ulimit -n is $files_limit, below the $need_files that $SSE_STREAMS streams need"
+fi
+
+if [[ "$SKIP_BUILD" != 1 ]]; then
+    # Separate commands so the proxy is built exactly as `cargo build --release` builds it.
+    cargo build --release --quiet
+    cargo build --release --quiet -p fresh-proxy-loadtest
+fi
+[[ -x "$PROXY_BIN" && -x "$LT" ]] || die "missing $PROXY_BIN or $LT (build them or unset SKIP_BUILD)"
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/fresh-proxy-load.XXXXXX")"
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    kill "${WATCHDOG:-}" 2>/dev/null || true
+    if [[ "${KEEP_WORK:-0}" == 1 ]]; then say "work dir kept: $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# `started PID`: remember a server so that it is stopped when this script ends, even if the
+# script itself is killed (the watchdog polls for it).
+started() {
+    PIDS+=("$1")
+    say "$1" >>"$WORK/pids"
+}
+(
+    while kill -0 $$ 2>/dev/null; do sleep 1; done
+    [[ -f "$WORK/pids" ]] && xargs kill <"$WORK/pids" 2>/dev/null
+) >/dev/null 2>&1 &
+WATCHDOG=$!
+
+wait_for_file() {
+    local file="$1" i
+    for i in $(seq 100); do
+        [[ -s "$file" ]] && return 0
+        sleep 0.05
+    done
+    die "timed out waiting for $file"
+}
+
+wait_for_url() {
+    local url="$1" i
+    for i in $(seq 200); do
+        curl -fsS -o /dev/null "$url" 2>/dev/null && return 0
+        sleep 0.05
+    done
+    die "timed out waiting for $url"
+}
+
+peak_rss_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+mb() { awk -v kb="$1" 'BEGIN {printf "%.1f", kb / 1024}'; }
+
+machine_load() { awk '{print $1, $2, $3}' /proc/loadavg; }
+
+# --- upstream ---------------------------------------------------------------------------------
+pin "$UPSTREAM_CPUS"
+"${PIN[@]}" "$LT" upstream --port-file "$WORK/upstream.port" \
+    --threads "$UPSTREAM_THREADS" --sse-events "$SSE_EVENTS" \
+    --sse-interval-ms "$SSE_INTERVAL_MS" --max-seconds "$MAX_SECONDS" \
+    >"$WORK/upstream.log" 2>&1 &
+UPSTREAM_PID=$!
+started "$UPSTREAM_PID"
+wait_for_file "$WORK/upstream.port"
+UPSTREAM_PORT="$(cat "$WORK/upstream.port")"
+wait_for_url "http://127.0.0.1:$UPSTREAM_PORT/__stats"
+
+# --- proxy ------------------------------------------------------------------------------------
+mkdir -p "$WORK/home"
+cat >"$WORK/home/.databrickscfg" <<EOF
+[DEFAULT]
+host = http://127.0.0.1:$UPSTREAM_PORT
+token = $TOKEN
+EOF
+chmod 600 "$WORK/home/.databrickscfg"
+
+PROXY_PID=""
+PROXY_PORT=""
+start_proxy() {
+    PROXY_PORT="$("$LT" free-port)"
+    pin "$PROXY_CPUS"
+    # shellcheck disable=SC2086 # PROXY_ENV is a list of words on purpose
+    "${PIN[@]}" env -i PATH="$PATH" HOME="$WORK/home" PAT_ROTATION=off \
+        PROXY_PORT="$PROXY_PORT" RUST_LOG=warn $PROXY_ENV "$PROXY_BIN" >>"$WORK/proxy.log" 2>&1 &
+    PROXY_PID=$!
+    started "$PROXY_PID"
+    wait_for_url "http://127.0.0.1:$PROXY_PORT/ready"
+}
+
+stop_proxy() {
+    kill "$PROXY_PID" 2>/dev/null || true
+    wait "$PROXY_PID" 2>/dev/null || true
+}
+
+# --- reference passthrough --------------------------------------------------------------------
+REF_PID=""
+REF_PORT=""
+REF_KIND=""
+start_reference() {
+    REF_PORT="$("$LT" free-port)"
+    if [[ "$REFERENCE" == nginx || ("$REFERENCE" == auto && -x "$(command -v nginx || true)") ]]; then
+        command -v nginx >/dev/null || die "REFERENCE=nginx but nginx is not installed"
+        local keepalive="" http11=""
+        if [[ "$NGINX_KEEPALIVE" == 1 ]]; then
+            keepalive="keepalive 64;"
+            http11='proxy_http_version 1.1; proxy_set_header Connection "";'
+            REF_KIND="nginx proxy_pass (upstream keepalive)"
+        else
+            REF_KIND="nginx proxy_pass"
+        fi
+        mkdir -p "$WORK/nginx"
+        cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes $NGINX_WORKERS;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+daemon off;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    upstream model { server 127.0.0.1:$UPSTREAM_PORT; $keepalive }
+    server {
+        listen 127.0.0.1:$REF_PORT;
+        location / {
+            proxy_pass http://model/serving-endpoints/;
+            proxy_set_header Authorization "Bearer $TOKEN";
+            $http11
+        }
+    }
+}
+EOF
+        pin "$PROXY_CPUS"
+        "${PIN[@]}" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" \
+            >"$WORK/nginx/stdout.log" 2>&1 &
+    else
+        REF_KIND="hyper passthrough (nginx not installed)"
+        pin "$PROXY_CPUS"
+        "${PIN[@]}" "$LT" passthrough --listen "127.0.0.1:$REF_PORT" \
+            --upstream "http://127.0.0.1:$UPSTREAM_PORT/serving-endpoints" \
+            --threads "$(nproc)" --max-seconds "$MAX_SECONDS" >"$WORK/passthrough.log" 2>&1 &
+    fi
+    REF_PID=$!
+    started "$REF_PID"
+    # Any answer (even 4xx) shows that it is listening.
+    local i
+    for i in $(seq 200); do
+        curl -sS -o /dev/null "http://127.0.0.1:$REF_PORT/" 2>/dev/null && return 0
+        sleep 0.05
+    done
+    die "the reference passthrough did not start (see $WORK)"
+}
+
+# Peak RSS of the reference: its own process plus nginx's workers.
+reference_peak_rss_kb() {
+    local total=0 pid
+    for pid in "$REF_PID" $(pgrep -P "$REF_PID" || true); do
+        total=$((total + $(peak_rss_kb "$pid")))
+    done
+    say "$total"
+}
+
+url_of() {
+    case "$1" in
+        direct) say "http://127.0.0.1:$UPSTREAM_PORT/serving-endpoints$ENDPOINT_PATH" ;;
+        reference) say "http://127.0.0.1:$REF_PORT$ENDPOINT_PATH" ;;
+        proxy) say "http://127.0.0.1:$PROXY_PORT$ENDPOINT_PATH" ;;
+    esac
+}
+
+# `cpu_ticks PID...`: user + system CPU time of the processes, in clock ticks.
+cpu_ticks() {
+    local pid total=0
+    for pid in "$@"; do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+    done
+    say "$total"
+}
+
+# The processes that serve TARGET, for CPU accounting.
+pids_of() {
+    case "$1" in
+        direct) say "$UPSTREAM_PID" ;;
+        reference) say "$REF_PID $(pgrep -P "$REF_PID" | tr '\n' ' ')" ;;
+        proxy) say "$PROXY_PID" ;;
+    esac
+}
+
+# `load TARGET CONNECTIONS SECONDS [PAUSE_MS]`: one wrk run; prints its RESULT line with the CPU
+# time the target (cpu_us) and the upstream (upstream_cpu_us) spent per request.
+load() {
+    local target="$1" conns="$2" seconds="$3" pause="${4:-0}" threads="$WRK_THREADS"
+    local pids before up_before result
+    ((threads > conns)) && threads="$conns"
+    pids="$(pids_of "$target")"
+    # shellcheck disable=SC2086
+    before="$(cpu_ticks $pids)"
+    up_before="$(cpu_ticks "$UPSTREAM_PID")"
+    pin "$WRK_CPUS"
+    result="$(LOADTEST_BODY="$BODY" LOADTEST_DELAY_MS="$pause" "${PIN[@]}" timeout $((seconds + 30)) \
+        wrk -t "$threads" -c "$conns" -d "${seconds}s" --timeout 10s -s "$LUA" "$(url_of "$target")" \
+        | awk '/^RESULT/')"
+    [[ -n "$result" ]] || return 0
+    # shellcheck disable=SC2086
+    awk -v line="$result" -v ticks=$(($(cpu_ticks $pids) - before)) \
+        -v up=$(($(cpu_ticks "$UPSTREAM_PID") - up_before)) -v hz="$CLK_TCK" 'BEGIN {
+            match(line, /requests=[0-9]+/); n = substr(line, RSTART + 9, RLENGTH - 9) + 0
+            if (n == 0) n = 1
+            printf "%s cpu_us=%.0f upstream_cpu_us=%.0f\n", line, ticks * 1e6 / hz / n, up * 1e6 / hz / n
+        }'
+}
+
+RESULTS="$OUT/results.tsv"
+# Load modes, CONNECTIONS:PAUSE_MS. The first one is the one the targets are about.
+MODES=("$CONNECTIONS:0")
+[[ -n "$PACED_DELAY_MS" ]] && MODES+=("$CONNECTIONS:$PACED_DELAY_MS")
+[[ -n "$LOW_CONNECTIONS" ]] && MODES+=("$LOW_CONNECTIONS:0")
+mode_label() {
+    local conns="${1%%:*}" pause="${1#*:}"
+    if [[ "$pause" == 0 ]]; then say "c=$conns"; else say "c=$conns paced ${pause} ms"; fi
+}
+: >"$RESULTS"
+
+say "== fresh-proxy load harness"
+say "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), kernel $(uname -r)"
+say "load average at start: $(machine_load)"
+say "request body: $BODY ($(wc -c <"$BODY") bytes)"
+say "open files limit: $files_limit"
+[[ -n "$PROXY_ENV" ]] && say "proxy environment: $PROXY_ENV"
+
+if [[ "$SKIP_THROUGHPUT" != 1 ]]; then
+    start_proxy
+    start_reference
+    say "reference: $REF_KIND"
+    say "wrk: $WRK_THREADS thread(s), $CONNECTIONS connections, ${DURATION}s per run, $ROUNDS rounds"
+    [[ -n "$WRK_CPUS$UPSTREAM_CPUS$PROXY_CPUS" ]] &&
+        say "pinning: wrk=${WRK_CPUS:-any} upstream=${UPSTREAM_CPUS:-any} proxy/reference=${PROXY_CPUS:-any}"
+
+    # The filter must have work: the upstream sees a smaller body through the proxy.
+    curl -fsS -o /dev/null -H 'Content-Type: application/json' --data-binary "@$BODY" "$(url_of proxy)"
+    before="$(curl -fsS "http://127.0.0.1:$UPSTREAM_PORT/__stats")"
+    curl -fsS -o /dev/null -H 'Content-Type: application/json' --data-binary "@$BODY" "$(url_of proxy)"
+    after="$(curl -fsS "http://127.0.0.1:$UPSTREAM_PORT/__stats")"
+    sent=$(($(jq .request_bytes <<<"$after") - $(jq .request_bytes <<<"$before")))
+    say "filter: the proxy forwards $sent of $(wc -c <"$BODY") bytes"
+
+    for target in direct reference proxy; do
+        load "$target" "$CONNECTIONS" "$WARMUP" >/dev/null
+    done
+    for round in $(seq "$ROUNDS"); do
+        for mode in "${MODES[@]}"; do
+            conns="${mode%%:*}"
+            pause="${mode#*:}"
+            seconds="$DURATION"
+            [[ "$mode" != "$CONNECTIONS:0" ]] && seconds=$(((DURATION + 1) / 2))
+            for target in direct reference proxy; do
+                line="$(load "$target" "$conns" "$seconds" "$pause")"
+                [[ -n "$line" ]] || die "wrk printed no result for $target"
+                say "round $round $(mode_label "$mode") $target: $line"
+                printf '%s\t%s\t%s\t%s\n' "$round" "$mode" "$target" "$line" >>"$RESULTS"
+            done
+        done
+    done
+    say "load average after throughput: $(machine_load)"
+    if [[ "$PERF" == 1 ]]; then
+        # An extra proxy run under perf, after the measured ones: sampling slows the proxy.
+        load proxy "$CONNECTIONS" "$DURATION" >/dev/null &
+        wrk_job=$!
+        sleep 1
+        perf record -F 499 --call-graph dwarf,32768 -p "$PROXY_PID" -o "$OUT/perf.data" \
+            -- sleep $((DURATION > 3 ? DURATION - 2 : 1)) >"$OUT/perf.log" 2>&1 || true
+        wait "$wrk_job"
+    fi
+    PROXY_PEAK_KB="$(peak_rss_kb "$PROXY_PID")"
+    REF_PEAK_KB="$(reference_peak_rss_kb)"
+    stop_proxy
+fi
+
+if [[ "$SKIP_SSE" != 1 ]]; then
+    # A fresh proxy, so its peak RSS is that of the SSE run alone.
+    start_proxy
+    SSE_IDLE_KB="$(rss_kb "$PROXY_PID")"
+    say "SSE: $SSE_STREAMS concurrent streams, $SSE_EVENTS events ${SSE_INTERVAL_MS} ms apart"
+    set +e
+    pin "$WRK_CPUS"
+    SSE_LINE="$("${PIN[@]}" timeout 300 "$LT" sse --url "$(url_of proxy)" --body "$BODY" \
+        --streams "$SSE_STREAMS" --events "$SSE_EVENTS" --timeout-secs 240)"
+    SSE_STATUS=$?
+    set -e
+    say "$SSE_LINE"
+    SSE_PEAK_KB="$(peak_rss_kb "$PROXY_PID")"
+    SSE_AFTER_KB="$(rss_kb "$PROXY_PID")"
+    SSE_UPSTREAM="$(curl -fsS "http://127.0.0.1:$UPSTREAM_PORT/__stats")"
+    say "upstream: $SSE_UPSTREAM"
+    curl -fsS -o /dev/null "http://127.0.0.1:$PROXY_PORT/health" || say "warning: /health failed after the SSE run"
+    say "load average after SSE: $(machine_load)"
+    stop_proxy
+fi
+
+# --- summary ----------------------------------------------------------------------------------
+# `field KEY`: the number after KEY= in the line on stdin.
+field() { sed -n "s/.*[[:space:]]$1=\(-\{0,1\}[0-9.]*\).*/\1/p"; }
+# `summary MODE`: per-target medians over rounds in one load mode, then the target figures.
+summary() {
+    awk -F'\t' -v mode="$1" '
+        function get(line, key,   m) { return match(line, key "=[0-9]+") ? substr(line, RSTART + length(key) + 1, RLENGTH - length(key) - 1) : 0 }
+        function median(a, n,   i, j, t) {
+            for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] > a[j]; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
+            return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        $2 == mode {
+            r = $1; t = $3
+            rps[t, r] = get($4, "requests") / (get($4, "duration_us") / 1e6)
+            p50[t, r] = get($4, "p50_us"); p99[t, r] = get($4, "p99_us"); cpu[t, r] = get($4, "cpu_us")
+            bad[t] += get($4, "errors") + get($4, "non2xx")
+            if (r > rounds) rounds = r
+        }
+        END {
+            if (!rounds) exit
+            split("direct reference proxy", targets, " ")
+            for (k = 1; k <= 3; k++) {
+                t = targets[k]
+                for (r = 1; r <= rounds; r++) { a[r] = rps[t, r]; b[r] = p50[t, r]; c[r] = p99[t, r]; d[r] = cpu[t, r] }
+                printf "  %-9s  %9.0f req/s   p50 %7.3f ms   p99 %7.3f ms   CPU %4.0f us/req   errors %d\n", t, median(a, rounds), median(b, rounds) / 1000, median(c, rounds) / 1000, median(d, rounds), bad[t]
+            }
+            for (r = 1; r <= rounds; r++) {
+                ratio[r] = rps["proxy", r] / rps["reference", r]
+                add50[r] = (p50["proxy", r] - p50["direct", r]) / 1000
+                add99[r] = (p99["proxy", r] - p99["direct", r]) / 1000
+                refadd99[r] = (p99["reference", r] - p99["direct", r]) / 1000
+            }
+            printf "  throughput proxy/reference: %.2f (rounds:", median(ratio, rounds)
+            for (r = 1; r <= rounds; r++) printf " %.2f", rps["proxy", r] / rps["reference", r]
+            printf ")\n"
+            printf "  added by proxy:     p50 %.3f ms   p99 %.3f ms\n", median(add50, rounds), median(add99, rounds)
+            printf "  added by reference: p99 %.3f ms\n", median(refadd99, rounds)
+            printf "TARGETS ratio=%.3f add99=%.3f\n", median(ratio, rounds), median(add99, rounds)
+        }' "$RESULTS"
+}
+
+say ""
+say "== summary (load average now $(machine_load))"
+verdict() { if awk "BEGIN {exit !($1)}"; then say "met"; else say "MISSED"; fi; }
+if [[ "$SKIP_THROUGHPUT" != 1 ]]; then
+    say "reference: $REF_KIND; medians over $ROUNDS rounds"
+    for mode in "${MODES[@]}"; do
+        say "$(mode_label "$mode"):"
+        summary "$mode" | grep -v '^TARGETS'
+    done
+    targets="$(summary "$CONNECTIONS:0" | grep '^TARGETS')"
+    ratio="$(field ratio <<<"$targets")"
+    add99="$(field add99 <<<"$targets")"
+    say "proxy peak RSS (throughput): $(mb "$PROXY_PEAK_KB") MB; reference peak RSS: $(mb "$REF_PEAK_KB") MB"
+fi
+if [[ "$SKIP_SSE" != 1 ]]; then
+    say "SSE: $(field completed <<<"$SSE_LINE")/$SSE_STREAMS completed, peak open $(field peak_open <<<"$SSE_LINE"); proxy RSS idle $(mb "$SSE_IDLE_KB") MB, peak $(mb "$SSE_PEAK_KB") MB, after $(mb "$SSE_AFTER_KB") MB"
+fi
+say ""
+say "== targets"
+if [[ "$SKIP_THROUGHPUT" != 1 ]]; then
+    say "throughput >= 0.8x reference at c=$CONNECTIONS: $ratio  $(verdict "$ratio >= 0.8")"
+    say "p99 added latency <= 1 ms at c=$CONNECTIONS: $add99 ms  $(verdict "$add99 <= 1")"
+    say "peak RSS < 64 MB: $(mb "$PROXY_PEAK_KB") MB  $(verdict "$PROXY_PEAK_KB < 65536")"
+fi
+[[ "$PERF" == 1 ]] && say "profile: perf report -i $OUT/perf.data --no-children --sort symbol"
+if [[ "$SKIP_SSE" != 1 ]]; then
+    completed="$(field completed <<<"$SSE_LINE")"
+    say "$SSE_STREAMS SSE streams, none dropped, < 100 MB: ${completed:-0} completed, $(mb "$SSE_PEAK_KB") MB  $(verdict "${completed:-0} == $SSE_STREAMS && $SSE_STATUS == 0 && $SSE_PEAK_KB < 102400")"
+fi
