@@ -827,7 +827,8 @@ mod tests {
         }
         assert!(set_json("{\"a\": [1]}", "/a/5", "new").is_err());
         assert!(set_json("{\"a\": 1}", "/a/b", "new").is_err());
-        // A null on the way has no in-place edit: the document is written back whole.
+        // A null on the way has no in-place edit: the document is written back whole, keys in
+        // their original order.
         let SinkEdit::Rewritten(whole) =
             set_json("{\"z\": 1, \"a\": null}", "/a/b", "new").unwrap()
         else {
@@ -835,7 +836,7 @@ mod tests {
         };
         assert_eq!(
             whole,
-            "{\n  \"a\": {\n    \"b\": \"new\"\n  },\n  \"z\": 1\n}\n"
+            "{\n  \"z\": 1,\n  \"a\": {\n    \"b\": \"new\"\n  }\n}\n"
         );
         let err = set_json("{\"secret\": \"dapi-old\"", "/x", "new").unwrap_err();
         assert!(!err.contains("dapi-old"), "{err}");
