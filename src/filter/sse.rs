@@ -56,8 +56,8 @@ impl Default for SseLimits {
 /// rewriter.finish(&mut out);
 /// assert_eq!(
 ///     String::from_utf8(out).unwrap(),
-///     "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"{\\\"cmd\\\":\\\"ls\\\"}\",\
-///      \"name\":\"bash\"},\"index\":0}]},\"index\":0}]}\n\ndata: [DONE]\n\n"
+///     "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":\
+///      {\"name\":\"bash\",\"arguments\":\"{\\\"cmd\\\":\\\"ls\\\"}\"}}]}}]}\n\ndata: [DONE]\n\n"
 /// );
 /// assert!(rewriter.is_done());
 /// ```
