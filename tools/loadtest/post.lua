@@ -9,12 +9,14 @@ file:close()
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer client-supplied-token"
 
--- LOADTEST_DELAY_MS > 0: each connection pauses this long before its next request, like an agent
--- thinking between calls. Defined only then: a delay() function costs wrk a timer per request.
+-- LOADTEST_DELAY_MS > 0: each connection pauses before its next request, like an agent thinking
+-- between calls: exponentially distributed with this mean, so that connections do not fall into
+-- step and arrive in bursts. Defined only then: a delay() function costs wrk a timer per request.
 local pause = tonumber(os.getenv("LOADTEST_DELAY_MS") or "0")
 if pause > 0 then
+  math.randomseed(os.time() + math.floor(os.clock() * 1e6))
   function delay()
-    return pause
+    return math.floor(-pause * math.log(1 - math.random()))
   end
 end
 

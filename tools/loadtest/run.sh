@@ -15,8 +15,9 @@
 #   ROUNDS=3            alternating rounds (direct, reference, proxy in each)
 #   DURATION=10         seconds per wrk run; WARMUP=2 seconds per target before round 1
 #   CONNECTIONS=32      wrk connections for the throughput and added-latency targets
-#   PACED_DELAY_MS=16   also run CONNECTIONS connections that each pause this long between
-#                       requests (about 2,000 req/s in all: loaded, not saturated; empty: skip)
+#   PACED_DELAY_MS=16   also run CONNECTIONS connections that each pause between requests,
+#                       exponentially distributed with this mean (about 2,000 req/s in all:
+#                       loaded, not saturated; empty: skip)
 #   LOW_CONNECTIONS=1   also measure added latency at this concurrency (empty: skip)
 #   WRK_THREADS=1       wrk threads
 #   UPSTREAM_THREADS=1  worker threads of the fake upstream
@@ -191,6 +192,7 @@ start_proxy() {
 stop_proxy() {
     kill "$PROXY_PID" 2>/dev/null || true
     wait "$PROXY_PID" 2>/dev/null || true
+    sed -i "/^$PROXY_PID\$/d" "$WORK/pids"
 }
 
 # --- reference passthrough --------------------------------------------------------------------
@@ -235,7 +237,8 @@ EOF
         "${PIN[@]}" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" \
             >"$WORK/nginx/stdout.log" 2>&1 &
     else
-        REF_KIND="hyper passthrough (nginx not installed)"
+        REF_KIND="hyper passthrough"
+        [[ "$REFERENCE" == auto ]] && REF_KIND="hyper passthrough (nginx is not installed)"
         pin "$PROXY_CPUS"
         "${PIN[@]}" "$LT" passthrough --listen "127.0.0.1:$REF_PORT" \
             --upstream "http://127.0.0.1:$UPSTREAM_PORT/serving-endpoints" \
@@ -278,6 +281,10 @@ cpu_ticks() {
     say "$total"
 }
 
+# `machine_ticks`: busy (user, nice, system) and steal ticks of the whole machine. Interrupt time
+# is left out: the harness's own loopback traffic makes most of it and no process is charged.
+machine_ticks() { awk '/^cpu / {print $2 + $3 + $4, $9}' /proc/stat; }
+
 # The processes that serve TARGET, for CPU accounting.
 pids_of() {
     case "$1" in
@@ -288,26 +295,45 @@ pids_of() {
 }
 
 # `load TARGET CONNECTIONS SECONDS [PAUSE_MS]`: one wrk run; prints its RESULT line with the CPU
-# time the target (cpu_us) and the upstream (upstream_cpu_us) spent per request.
+# time the target (cpu_us) and the upstream (upstream_cpu_us) spent per request, and the share of
+# the machine that anything else used meanwhile (other_pct; steal_pct: taken by the hypervisor).
+# A run with a large other_pct was disturbed by foreign load and should be repeated.
 load() {
     local target="$1" conns="$2" seconds="$3" pause="${4:-0}" threads="$WRK_THREADS"
-    local pids before up_before result
+    local pids before up_before busy_before steal_before busy_after steal_after gen_before result
     ((threads > conns)) && threads="$conns"
     pids="$(pids_of "$target")"
     # shellcheck disable=SC2086
     before="$(cpu_ticks $pids)"
     up_before="$(cpu_ticks "$UPSTREAM_PID")"
     pin "$WRK_CPUS"
+    # This function runs in a subshell: wrk's CPU time lands in the subshell's children's time.
+    local self="$BASHPID"
+    gen_before="$(awk '{print $16 + $17}' "/proc/$self/stat")"
+    read -r busy_before steal_before < <(machine_ticks)
     result="$(LOADTEST_BODY="$BODY" LOADTEST_DELAY_MS="$pause" "${PIN[@]}" timeout $((seconds + 30)) \
         wrk -t "$threads" -c "$conns" -d "${seconds}s" --timeout 10s -s "$LUA" "$(url_of "$target")" \
         | awk '/^RESULT/')"
+    read -r busy_after steal_after < <(machine_ticks)
     [[ -n "$result" ]] || return 0
+    local ticks up gen
     # shellcheck disable=SC2086
-    awk -v line="$result" -v ticks=$(($(cpu_ticks $pids) - before)) \
-        -v up=$(($(cpu_ticks "$UPSTREAM_PID") - up_before)) -v hz="$CLK_TCK" 'BEGIN {
+    ticks=$(($(cpu_ticks $pids) - before))
+    up=$(($(cpu_ticks "$UPSTREAM_PID") - up_before))
+    [[ "$target" == direct ]] && up=0
+    gen=$(($(awk '{print $16 + $17}' "/proc/$self/stat") - gen_before))
+    awk -v line="$result" -v ticks="$ticks" -v up="$up" -v gen="$gen" -v hz="$CLK_TCK" \
+        -v busy=$((busy_after - busy_before)) -v steal=$((steal_after - steal_before)) \
+        -v cpus="$(nproc)" 'BEGIN {
             match(line, /requests=[0-9]+/); n = substr(line, RSTART + 9, RLENGTH - 9) + 0
+            match(line, /duration_us=[0-9]+/); secs = substr(line, RSTART + 12, RLENGTH - 12) / 1e6
             if (n == 0) n = 1
-            printf "%s cpu_us=%.0f upstream_cpu_us=%.0f\n", line, ticks * 1e6 / hz / n, up * 1e6 / hz / n
+            if (secs == 0) secs = 1
+            other = busy - ticks - up - gen
+            if (other < 0) other = 0
+            printf "%s cpu_us=%.0f upstream_cpu_us=%.0f other_pct=%.0f steal_pct=%.0f\n", line,
+                ticks * 1e6 / hz / n, (up ? up : ticks) * 1e6 / hz / n,
+                100 * other / (secs * hz * cpus), 100 * steal / (secs * hz * cpus)
         }'
 }
 
@@ -318,7 +344,7 @@ MODES=("$CONNECTIONS:0")
 [[ -n "$LOW_CONNECTIONS" ]] && MODES+=("$LOW_CONNECTIONS:0")
 mode_label() {
     local conns="${1%%:*}" pause="${1#*:}"
-    if [[ "$pause" == 0 ]]; then say "c=$conns"; else say "c=$conns paced ${pause} ms"; fi
+    if [[ "$pause" == 0 ]]; then say "c=$conns"; else say "c=$conns paced (mean pause ${pause} ms)"; fi
 }
 : >"$RESULTS"
 
@@ -342,7 +368,8 @@ if [[ "$SKIP_THROUGHPUT" != 1 ]]; then
     before="$(curl -fsS "http://127.0.0.1:$UPSTREAM_PORT/__stats")"
     curl -fsS -o /dev/null -H 'Content-Type: application/json' --data-binary "@$BODY" "$(url_of proxy)"
     after="$(curl -fsS "http://127.0.0.1:$UPSTREAM_PORT/__stats")"
-    sent=$(($(jq .request_bytes <<<"$after") - $(jq .request_bytes <<<"$before")))
+    request_bytes() { sed -n 's/.*"request_bytes":\([0-9]*\).*/\1/p'; }
+    sent=$(($(request_bytes <<<"$after") - $(request_bytes <<<"$before")))
     say "filter: the proxy forwards $sent of $(wc -c <"$BODY") bytes"
 
     for target in direct reference proxy; do
@@ -404,7 +431,7 @@ field() { sed -n "s/.*[[:space:]]$1=\(-\{0,1\}[0-9.]*\).*/\1/p"; }
 # `summary MODE`: per-target medians over rounds in one load mode, then the target figures.
 summary() {
     awk -F'\t' -v mode="$1" '
-        function get(line, key,   m) { return match(line, key "=[0-9]+") ? substr(line, RSTART + length(key) + 1, RLENGTH - length(key) - 1) : 0 }
+        function get(line, key) { return match(line, key "=[0-9]+") ? substr(line, RSTART + length(key) + 1, RLENGTH - length(key) - 1) : 0 }
         function median(a, n,   i, j, t) {
             for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] > a[j]; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
             return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
@@ -414,6 +441,7 @@ summary() {
             rps[t, r] = get($4, "requests") / (get($4, "duration_us") / 1e6)
             p50[t, r] = get($4, "p50_us"); p99[t, r] = get($4, "p99_us"); cpu[t, r] = get($4, "cpu_us")
             bad[t] += get($4, "errors") + get($4, "non2xx")
+            if (get($4, "other_pct") + 0 > other[t]) other[t] = get($4, "other_pct") + 0
             if (r > rounds) rounds = r
         }
         END {
@@ -422,7 +450,7 @@ summary() {
             for (k = 1; k <= 3; k++) {
                 t = targets[k]
                 for (r = 1; r <= rounds; r++) { a[r] = rps[t, r]; b[r] = p50[t, r]; c[r] = p99[t, r]; d[r] = cpu[t, r] }
-                printf "  %-9s  %9.0f req/s   p50 %7.3f ms   p99 %7.3f ms   CPU %4.0f us/req   errors %d\n", t, median(a, rounds), median(b, rounds) / 1000, median(c, rounds) / 1000, median(d, rounds), bad[t]
+                printf "  %-9s  %9.0f req/s   p50 %7.3f ms   p99 %7.3f ms   CPU %4.0f us/req   errors %d   other load <= %d%%\n", t, median(a, rounds), median(b, rounds) / 1000, median(c, rounds) / 1000, median(d, rounds), bad[t], other[t]
             }
             for (r = 1; r <= rounds; r++) {
                 ratio[r] = rps["proxy", r] / rps["reference", r]
@@ -466,5 +494,6 @@ fi
 [[ "$PERF" == 1 ]] && say "profile: perf report -i $OUT/perf.data --no-children --sort symbol"
 if [[ "$SKIP_SSE" != 1 ]]; then
     completed="$(field completed <<<"$SSE_LINE")"
-    say "$SSE_STREAMS SSE streams, none dropped, < 100 MB: ${completed:-0} completed, $(mb "$SSE_PEAK_KB") MB  $(verdict "${completed:-0} == $SSE_STREAMS && $SSE_STATUS == 0 && $SSE_PEAK_KB < 102400")"
+    peak_open="$(field peak_open <<<"$SSE_LINE")"
+    say "$SSE_STREAMS concurrent SSE streams, none dropped, < 100 MB: ${completed:-0} completed, ${peak_open:-0} open at once, $(mb "$SSE_PEAK_KB") MB  $(verdict "${completed:-0} == $SSE_STREAMS && ${peak_open:-0} == $SSE_STREAMS && $SSE_STATUS == 0 && $SSE_PEAK_KB < 102400")"
 fi
