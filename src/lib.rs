@@ -138,7 +138,9 @@ pub fn upstream_client(upstream: &Url) -> reqwest::Client {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // A reverse proxy hands 3xx answers to the client instead of following them.
+        .redirect(reqwest::redirect::Policy::none());
     if config::is_loopback(upstream) {
         builder = builder.no_proxy();
     }

@@ -132,8 +132,8 @@ started() {
 WATCHDOG=$!
 
 wait_for_file() {
-    local file="$1" i
-    for i in $(seq 100); do
+    local file="$1"
+    for _ in $(seq 100); do
         [[ -s "$file" ]] && return 0
         sleep 0.05
     done
@@ -141,8 +141,8 @@ wait_for_file() {
 }
 
 wait_for_url() {
-    local url="$1" i
-    for i in $(seq 200); do
+    local url="$1"
+    for _ in $(seq 200); do
         curl -fsS -o /dev/null "$url" 2>/dev/null && return 0
         sleep 0.05
     done
@@ -247,8 +247,7 @@ EOF
     REF_PID=$!
     started "$REF_PID"
     # Any answer (even 4xx) shows that it is listening.
-    local i
-    for i in $(seq 200); do
+    for _ in $(seq 200); do
         curl -sS -o /dev/null "http://127.0.0.1:$REF_PORT/" 2>/dev/null && return 0
         sleep 0.05
     done
