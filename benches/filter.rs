@@ -6,9 +6,14 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use fresh_proxy::filter::{
-    SseLimits, SseRewriter, ToolContext, fix_response_bytes, sanitize_request_bytes,
+    RequestSanitizer, SseLimits, SseRewriter, ToolContext, fix_response_bytes,
+    sanitize_request_bytes,
 };
 use serde_json::{Value, json};
+
+/// The request the load harness sends: an OpenCode-shaped turn whose tool schemas carry
+/// `$schema` and `additionalProperties`.
+const LOADTEST_REQUEST: &[u8] = include_bytes!("../tools/loadtest/agent-request.json");
 
 fn tool(name: &str, description: &str) -> Value {
     json!({"type": "function", "function": {
@@ -82,8 +87,9 @@ fn agent_request(defects: bool) -> Vec<u8> {
     serde_json::to_vec(&request).unwrap()
 }
 
-/// A long session of about 1 MB: many turns whose tool results hold file contents.
-fn large_request() -> Vec<u8> {
+/// A long session of about 1 MB: many turns whose tool results hold file contents. With
+/// `defects`, its tool schemas carry `$schema`/`additionalProperties`.
+fn large_request(defects: bool) -> Vec<u8> {
     let file: String = (0..120)
         .map(|i| format!("    let value_{i} = compute(\"input {i}\", {i}).unwrap_or_default();\n"))
         .collect();
@@ -98,10 +104,17 @@ fn large_request() -> Vec<u8> {
         messages.push(json!({"role": "tool", "tool_call_id": id, "content": file}));
         turn += 1;
     }
-    let tools: Vec<Value> = ["read_file", "write_file", "grep", "bash"]
+    let mut tools: Vec<Value> = ["read_file", "write_file", "grep", "bash"]
         .iter()
         .map(|name| tool(name, "A tool"))
         .collect();
+    if !defects {
+        for tool in &mut tools {
+            let schema = tool["function"]["parameters"].as_object_mut().unwrap();
+            schema.remove("$schema");
+            schema.remove("additionalProperties");
+        }
+    }
     serde_json::to_vec(&json!({"model": "m", "messages": messages, "tools": tools})).unwrap()
 }
 
@@ -143,7 +156,7 @@ fn sanitize(c: &mut Criterion) {
     let mut group = c.benchmark_group("parse_only");
     for (name, body) in [
         ("agent_3.7kb", agent_request(false)),
-        ("session_1mb", large_request()),
+        ("session_1mb", large_request(false)),
     ] {
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_function(name, |b| {
@@ -156,18 +169,28 @@ fn sanitize(c: &mut Criterion) {
     for (name, body) in [
         ("agent_3.7kb_unchanged", agent_request(false)),
         ("agent_3.7kb_changed", agent_request(true)),
-        ("session_1mb_unchanged", large_request()),
-        ("session_1mb_changed", {
-            let mut body = large_request();
-            body.truncate(body.len() - 1);
-            body.extend_from_slice(br#","stream_options":{"include_usage":true}}"#);
-            body
-        }),
+        ("loadtest_3.8kb", LOADTEST_REQUEST.to_vec()),
+        ("session_1mb_unchanged", large_request(false)),
+        ("session_1mb_changed", large_request(true)),
     ] {
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_function(name, |b| {
             b.iter(|| sanitize_request_bytes(black_box(&body)))
         });
+    }
+    group.finish();
+
+    // What the proxy does: a `RequestSanitizer` that has seen this agent's tools before.
+    let mut group = c.benchmark_group("request_sanitizer");
+    for (name, body) in [
+        ("agent_3.7kb_unchanged", agent_request(false)),
+        ("agent_3.7kb_changed", agent_request(true)),
+        ("loadtest_3.8kb", LOADTEST_REQUEST.to_vec()),
+    ] {
+        let sanitizer = RequestSanitizer::new();
+        sanitizer.sanitize(&body);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function(name, |b| b.iter(|| sanitizer.sanitize(black_box(&body))));
     }
     group.finish();
 }

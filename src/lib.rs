@@ -109,6 +109,7 @@ impl AppState {
         activity: Activity,
     ) -> Self {
         let forwarder = Forwarder {
+            sanitizer: Arc::default(),
             client,
             upstream_base: settings.upstream_base,
             source: source.clone(),

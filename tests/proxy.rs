@@ -351,13 +351,19 @@ async fn requests_are_sanitised_before_they_leave() {
         }}}],
         "stream_options": {"include_usage": true}
     });
-    let res = http_client()
-        .post(format!("{}/echo/invocations", proxy.url()))
-        .json_body(&request)
-        .send()
-        .await
-        .unwrap();
-    let echo = json_of(res).await;
+    // Twice: the second time the proxy remembers the cleaned tools, and must send the same.
+    let mut sent = Vec::new();
+    for _ in 0..2 {
+        let res = http_client()
+            .post(format!("{}/echo/invocations", proxy.url()))
+            .json_body(&request)
+            .send()
+            .await
+            .unwrap();
+        sent.push(json_of(res).await);
+    }
+    assert_eq!(sent[0]["body_text"], sent[1]["body_text"]);
+    let echo = &sent[1];
     let forwarded: Value = serde_json::from_str(echo["body_text"].as_str().unwrap()).unwrap();
     assert!(forwarded.get("stream_options").is_none(), "{forwarded}");
     assert_eq!(
@@ -381,7 +387,11 @@ async fn requests_are_sanitised_before_they_leave() {
     assert!(!text.contains("additionalProperties"), "{text}");
     let metrics = proxy.state.metrics().render(None);
     assert!(
-        metrics.contains("fresh_proxy_filter_actions_total{kind=\"stream_options_removed\"} 1"),
+        metrics.contains("fresh_proxy_filter_actions_total{kind=\"stream_options_removed\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fresh_proxy_filter_actions_total{kind=\"schema_keyword_removed\"} 2"),
         "{metrics}"
     );
 }

@@ -56,9 +56,10 @@ mod schema;
 mod sse;
 #[cfg(test)]
 mod test_support;
+mod view;
 
 pub use report::{FilterAction, FilterReport};
-pub use request::{RequestOutcome, sanitize_request, sanitize_request_bytes};
+pub use request::{RequestOutcome, RequestSanitizer, sanitize_request, sanitize_request_bytes};
 pub use response::{ToolContext, fix_response, fix_response_bytes};
 pub use sse::{SseLimits, SseRewriter};
 

@@ -1,10 +1,16 @@
 //! Sanitising chat requests before they go upstream.
 
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::report::{FilterAction, FilterReport};
 use super::response::ToolContext;
 use super::schema::strip_schema;
+use super::view::{self, Messages, Verdict};
 
 /// A generous bound on passes: one pass settles every cascade the rules know of, and the next
 /// confirms nothing is left to change.
@@ -41,11 +47,261 @@ pub fn sanitize_request(value: &mut Value) -> FilterReport {
 
 /// [`sanitize_request`] on a raw body. Bodies that are not a JSON object come back with no body
 /// and an empty report; a request the filter did not change is not re-serialised.
+///
+/// Only the members that need a change are parsed into a `Value` and written anew; every other
+/// member is copied as it came. A proxy that sees the same `tools` on every request should use
+/// a [`RequestSanitizer`], which also remembers them.
 pub fn sanitize_request_bytes(body: &[u8]) -> RequestOutcome {
+    sanitize_bytes(body, None)
+}
+
+/// Sanitises raw request bodies like [`sanitize_request_bytes`], and remembers the outcome for
+/// the last few `tools` arrays it saw.
+///
+/// An agent sends the same tool declarations on every request of a session, often with schema
+/// keywords that have to go. Remembering them by their exact bytes saves parsing, cleaning and
+/// writing them again each time. Arrays over 256 KiB are not remembered, and at most eight are.
+pub struct RequestSanitizer {
+    recent: Mutex<VecDeque<Arc<CleanTools>>>,
+}
+
+/// One remembered `tools` array: its bytes as sent, what to send instead (when it changes), and
+/// what cleaning it did.
+struct CleanTools {
+    raw: Box<str>,
+    replacement: Member,
+    report: FilterReport,
+    tools: ToolContext,
+}
+
+const CACHED_TOOLS: usize = 8;
+const CACHED_TOOLS_MAX_BYTES: usize = 256 * 1024;
+
+impl RequestSanitizer {
+    /// A sanitizer that remembers nothing yet.
+    pub fn new() -> Self {
+        RequestSanitizer {
+            recent: Mutex::new(VecDeque::with_capacity(CACHED_TOOLS)),
+        }
+    }
+
+    /// [`sanitize_request_bytes`], remembering `tools` arrays.
+    pub fn sanitize(&self, body: &[u8]) -> RequestOutcome {
+        sanitize_bytes(body, Some(self))
+    }
+
+    fn recall(&self, raw: &str) -> Option<Arc<CleanTools>> {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = recent.iter().position(|entry| &*entry.raw == raw)?;
+        let entry = recent.remove(at)?;
+        recent.push_front(Arc::clone(&entry));
+        Some(entry)
+    }
+
+    fn remember(&self, entry: Arc<CleanTools>) {
+        if entry.raw.len() > CACHED_TOOLS_MAX_BYTES {
+            return;
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.truncate(CACHED_TOOLS - 1);
+        recent.push_front(entry);
+    }
+}
+
+impl Default for RequestSanitizer {
+    fn default() -> Self {
+        RequestSanitizer::new()
+    }
+}
+
+impl fmt::Debug for RequestSanitizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let remembered = self
+            .recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        f.debug_struct("RequestSanitizer")
+            .field("remembered_tools", &remembered)
+            .finish()
+    }
+}
+
+/// What goes out for one member of the request.
+#[derive(Clone)]
+enum Member {
+    /// The member as it came.
+    Keep,
+    /// The member's new value, as JSON.
+    Replace(Box<[u8]>),
+    /// Nothing: the member is removed.
+    Remove,
+}
+
+fn sanitize_bytes(body: &[u8], sanitizer: Option<&RequestSanitizer>) -> RequestOutcome {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return RequestOutcome::default();
     }
+    let Some(members) = view::members(body) else {
+        return sanitize_whole(body);
+    };
+    let mut report = FilterReport::default();
+    let mut tools = ToolContext::default();
+    let mut out: Vec<Member> = Vec::with_capacity(members.len());
+    for (key, raw) in &members {
+        let member = match &**key {
+            "stream_options" => {
+                report.bump(FilterAction::StreamOptionsRemoved);
+                Member::Remove
+            }
+            "messages" => match view::messages(raw) {
+                Messages::List(list) if !list.is_empty() => {
+                    sanitize_message_list(&list, &mut report)
+                        .unwrap_or_else(|| sanitize_member(key, raw, &mut report).0)
+                }
+                Messages::Unreadable => sanitize_member(key, raw, &mut report).0,
+                _ => Member::Keep,
+            },
+            "system" if !view::system_is_clean(raw) => sanitize_member(key, raw, &mut report).0,
+            "tools" => {
+                let entry = match sanitizer.and_then(|s| s.recall(raw.get())) {
+                    Some(entry) => entry,
+                    None => {
+                        let entry = Arc::new(clean_tools(key, raw));
+                        if let Some(sanitizer) = sanitizer {
+                            sanitizer.remember(Arc::clone(&entry));
+                        }
+                        entry
+                    }
+                };
+                report.merge(&entry.report);
+                tools = entry.tools.clone();
+                entry.replacement.clone()
+            }
+            _ => Member::Keep,
+        };
+        out.push(member);
+    }
+    if report.is_empty() {
+        return RequestOutcome {
+            body: None,
+            report,
+            tools,
+        };
+    }
+    // A sanitised request is about as large as the original.
+    let mut new_body = Vec::with_capacity(body.len());
+    new_body.push(b'{');
+    let mut first = true;
+    for ((key, raw), member) in members.iter().zip(&out) {
+        let value = match member {
+            Member::Keep => raw.get().as_bytes(),
+            Member::Replace(value) => value,
+            Member::Remove => continue,
+        };
+        if !first {
+            new_body.push(b',');
+        }
+        first = false;
+        // Writing a `str` as JSON cannot fail.
+        let _ = serde_json::to_writer(&mut new_body, &**key);
+        new_body.push(b':');
+        new_body.extend_from_slice(value);
+    }
+    new_body.push(b'}');
+    RequestOutcome {
+        body: Some(new_body),
+        report,
+        tools,
+    }
+}
+
+/// Cleans one `tools` member, reading it through the view first.
+fn clean_tools(key: &str, raw: &RawValue) -> CleanTools {
+    let mut report = FilterReport::default();
+    let (replacement, tools) = match view::tools(raw) {
+        Some((true, tools)) => (Member::Keep, tools),
+        _ => sanitize_member(key, raw, &mut report),
+    };
+    CleanTools {
+        raw: raw.get().into(),
+        replacement,
+        report,
+        tools,
+    }
+}
+
+/// Runs the rules on a `messages` list the view has read. Only the messages that may change,
+/// and the assistant messages later ones are checked against, are parsed into a `Value`; each
+/// other message stands in as its index (the rules keep anything that is not an object) and
+/// is copied as it came. `None` if a message the view read cannot be parsed after all.
+fn sanitize_message_list(
+    list: &[(&RawValue, Verdict)],
+    report: &mut FilterReport,
+) -> Option<Member> {
+    if list.iter().all(|(_, verdict)| *verdict != Verdict::Dirty) {
+        return Some(Member::Keep);
+    }
+    let mut messages = Vec::with_capacity(list.len());
+    for (i, (raw, verdict)) in list.iter().enumerate() {
+        messages.push(match verdict {
+            Verdict::Plain => Value::from(i),
+            Verdict::CleanAssistant | Verdict::Dirty => serde_json::from_str(raw.get()).ok()?,
+        });
+    }
+    let mut request = Value::Object(Map::from_iter([(
+        "messages".to_owned(),
+        Value::Array(messages),
+    )]));
+    let changes = sanitize_request(&mut request);
+    if changes.is_empty() {
+        return Some(Member::Keep);
+    }
+    let Some(Value::Array(kept)) = request.get("messages") else {
+        return None;
+    };
+    let mut out = Vec::with_capacity(list.iter().map(|(raw, _)| raw.get().len() + 1).sum());
+    out.push(b'[');
+    for (n, message) in kept.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        match message {
+            Value::Number(i) => {
+                out.extend_from_slice(list[i.as_u64()? as usize].0.get().as_bytes())
+            }
+            message => serde_json::to_writer(&mut out, message).ok()?,
+        }
+    }
+    out.push(b']');
+    report.merge(&changes);
+    Some(Member::Replace(out.into()))
+}
+
+/// Runs the rules on one member alone (they never look across members), and returns what to
+/// send for it and the tools it declares, if it is `tools`.
+fn sanitize_member(key: &str, raw: &RawValue, report: &mut FilterReport) -> (Member, ToolContext) {
+    let Ok(value) = serde_json::from_str::<Value>(raw.get()) else {
+        return (Member::Keep, ToolContext::default());
+    };
+    let mut request = Value::Object(Map::from_iter([(key.to_owned(), value)]));
+    let changes = sanitize_request(&mut request);
+    let tools = ToolContext::from_request(&request);
+    if changes.is_empty() {
+        return (Member::Keep, tools);
+    }
+    let member = match request.get(key).map(serde_json::to_vec) {
+        Some(Ok(value)) => Member::Replace(value.into()),
+        Some(Err(_)) => return (Member::Keep, tools),
+        None => Member::Remove,
+    };
+    report.merge(&changes);
+    (member, tools)
+}
+
+/// The rules on the whole parsed body, for the bodies the view does not read (a key given twice).
+fn sanitize_whole(body: &[u8]) -> RequestOutcome {
     let Ok(mut value) = serde_json::from_slice::<Value>(body) else {
         return RequestOutcome::default();
     };
@@ -58,7 +314,6 @@ pub fn sanitize_request_bytes(body: &[u8]) -> RequestOutcome {
             tools,
         };
     }
-    // A sanitised request is about as large as the original.
     let mut new_body = Vec::with_capacity(body.len());
     match serde_json::to_writer(&mut new_body, &value) {
         Ok(()) => RequestOutcome {
@@ -77,7 +332,7 @@ pub fn sanitize_request_bytes(body: &[u8]) -> RequestOutcome {
 /// One pass of every rule. Returns whether anything changed.
 fn sanitize_pass(request: &mut Map<String, Value>, report: &mut FilterReport) -> bool {
     let mut changed = false;
-    if request.remove("stream_options").is_some() {
+    if request.shift_remove("stream_options").is_some() {
         report.bump(FilterAction::StreamOptionsRemoved);
         changed = true;
     }
@@ -86,7 +341,7 @@ fn sanitize_pass(request: &mut Map<String, Value>, report: &mut FilterReport) ->
     {
         changed = true;
         if system.is_empty() {
-            request.remove("system");
+            request.shift_remove("system");
         }
     }
     if let Some(Value::Array(messages)) = request.get_mut("messages") {
@@ -565,6 +820,97 @@ mod tests {
         assert_eq!(
             body,
             json!({"messages": [{"role": "user", "content": "q"}]})
+        );
+        assert_eq!(outcome.report.get(FilterAction::StreamOptionsRemoved), 1);
+    }
+
+    #[test]
+    fn only_changed_members_are_written_anew() {
+        // Untouched members keep their bytes, spacing and escapes included; the order stays.
+        let body = br#"{ "model" : "m\u00e9",  "stream_options": {"include_usage": true},
+            "messages": [ {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "q"}]} ],
+            "metadata": {"a" : [1, 2]},
+            "tools": [ {"name": "bash", "input_schema": {"$schema": "s", "type": "object"}} ] }"#;
+        let outcome = sanitize_request_bytes(body);
+        assert_eq!(
+            String::from_utf8(outcome.body.unwrap()).unwrap(),
+            r#"{"model":"m\u00e9","messages":[{"role":"user","content":[{"type":"text","text":"q"}]}],"metadata":{"a" : [1, 2]},"tools":[{"name":"bash","input_schema":{"type":"object"}}]}"#
+        );
+        assert_eq!(
+            outcome.report.iter().collect::<Vec<_>>(),
+            [
+                ("empty_text_dropped", 1),
+                ("schema_keyword_removed", 1),
+                ("stream_options_removed", 1)
+            ]
+        );
+        assert_eq!(outcome.tools.declared().collect::<Vec<_>>(), ["bash"]);
+
+        // A key given twice is read the way a `Value` reads it: the last one counts.
+        let twice = br#"{"messages": [{"role": "user", "content": ""}], "messages": [{"role": "user", "content": "q"}]}"#;
+        let outcome = sanitize_request_bytes(twice);
+        assert!(outcome.report.is_empty());
+        assert!(outcome.body.is_none());
+    }
+
+    #[test]
+    fn the_sanitizer_remembers_a_bounded_number_of_tools() {
+        let sanitizer = RequestSanitizer::new();
+        let request = |i: usize| {
+            format!(
+                r#"{{"messages": [], "tools": [{{"name": "t{i}", "input_schema": {{"$schema": "s"}}}}]}}"#
+            )
+        };
+        let first = sanitizer.sanitize(request(0).as_bytes());
+        assert_eq!(
+            format!("{sanitizer:?}"),
+            "RequestSanitizer { remembered_tools: 1 }"
+        );
+        let again = sanitizer.sanitize(request(0).as_bytes());
+        assert_eq!(again.body, first.body);
+        assert_eq!(again.report, first.report);
+        assert_eq!(again.report.get(FilterAction::SchemaKeywordRemoved), 1);
+        assert_eq!(again.tools.declared().collect::<Vec<_>>(), ["t0"]);
+        assert_eq!(
+            format!("{sanitizer:?}"),
+            "RequestSanitizer { remembered_tools: 1 }"
+        );
+
+        for i in 0..20 {
+            let outcome = sanitizer.sanitize(request(i).as_bytes());
+            assert_eq!(
+                outcome.tools.declared().collect::<Vec<_>>(),
+                [format!("t{i}")]
+            );
+        }
+        assert_eq!(
+            format!("{sanitizer:?}"),
+            format!("RequestSanitizer {{ remembered_tools: {CACHED_TOOLS} }}")
+        );
+
+        // Very large tool lists are cleaned but not kept.
+        let sanitizer = RequestSanitizer::new();
+        let description = "d".repeat(CACHED_TOOLS_MAX_BYTES);
+        let big = format!(
+            r#"{{"tools": [{{"name": "big", "description": "{description}", "input_schema": {{"$id": "x"}}}}]}}"#
+        );
+        let outcome = sanitizer.sanitize(big.as_bytes());
+        assert_eq!(outcome.report.get(FilterAction::SchemaKeywordRemoved), 1);
+        assert_eq!(
+            format!("{sanitizer:?}"),
+            "RequestSanitizer { remembered_tools: 0 }"
+        );
+    }
+
+    #[test]
+    fn numbers_past_f64_are_copied_as_they_came() {
+        // Well-formed JSON that a `Value` cannot hold is still filtered; the member it sits in
+        // is copied untouched.
+        let body = br#"{"stream_options": {}, "seed": 5e55555555, "messages": []}"#;
+        let outcome = sanitize_request_bytes(body);
+        assert_eq!(
+            outcome.body.as_deref(),
+            Some(&br#"{"seed":5e55555555,"messages":[]}"#[..])
         );
         assert_eq!(outcome.report.get(FilterAction::StreamOptionsRemoved), 1);
     }

@@ -142,7 +142,7 @@ fn remap_function(function: &mut Map<String, Value>, tools: &ToolContext) -> boo
         Some(Value::Object(args)) => match args.get("name").and_then(Value::as_str) {
             Some(name) if tools.accepts(name) => {
                 let name = name.to_owned();
-                args.remove("name");
+                args.shift_remove("name");
                 Some(name)
             }
             _ => None,

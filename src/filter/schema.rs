@@ -43,7 +43,7 @@ fn strip(schema: &mut Value, keep_ids: bool, report: &mut FilterReport, depth: u
         if keyword == "$id" && keep_ids {
             continue;
         }
-        if map.remove(keyword).is_some() {
+        if map.shift_remove(keyword).is_some() {
             report.bump(FilterAction::SchemaKeywordRemoved);
         }
     }
@@ -97,7 +97,7 @@ fn prune_required(map: &mut Map<String, Value>, report: &mut FilterReport) {
         (required.len() - kept.len()) as u64,
     );
     if kept.is_empty() {
-        map.remove("required");
+        map.shift_remove("required");
     } else {
         map.insert("required".to_owned(), Value::Array(kept));
     }
@@ -136,6 +136,17 @@ mod tests {
         let changed = strip_schema(&mut schema, &mut report);
         assert_eq!(changed, !report.is_empty());
         (schema, report.iter().collect())
+    }
+
+    #[test]
+    fn removal_keeps_the_order_of_the_rest() {
+        let (schema, _) = stripped(json!({"$schema": "s", "type": "object", "description": "d",
+            "properties": {"b": {}, "a": {"$comment": "c", "type": "string", "title": "t"}},
+            "required": ["b", "ghost"], "additionalProperties": false, "title": "last"}));
+        assert_eq!(
+            schema.to_string(),
+            r#"{"type":"object","description":"d","properties":{"b":{},"a":{"type":"string","title":"t"}},"required":["b"],"title":"last"}"#
+        );
     }
 
     #[test]

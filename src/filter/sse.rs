@@ -646,7 +646,7 @@ fn retain_call_deltas(
         if calls.is_empty()
             && let Some(delta) = choice.get_mut("delta").and_then(Value::as_object_mut)
         {
-            delta.remove("tool_calls");
+            delta.shift_remove("tool_calls");
         }
     }
     removed

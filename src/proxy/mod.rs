@@ -24,7 +24,7 @@ use http::{HeaderMap, Method, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use reqwest::Url;
 
-use crate::filter::{self, ToolContext};
+use crate::filter::{RequestSanitizer, ToolContext};
 use crate::metrics::Metrics;
 use crate::status::Activity;
 
@@ -41,6 +41,8 @@ pub struct Forwarder {
     pub(crate) upstream_timeout: Duration,
     pub(crate) metrics: Metrics,
     pub(crate) activity: Activity,
+    /// Shared by all requests, so that each agent's `tools` are cleaned once.
+    pub(crate) sanitizer: Arc<RequestSanitizer>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -179,7 +181,7 @@ impl Forwarder {
         if !is_json || bytes.is_empty() {
             return Ok((Outgoing::Buffered(bytes), ToolContext::default()));
         }
-        let outcome = filter::sanitize_request_bytes(&bytes);
+        let outcome = self.sanitizer.sanitize(&bytes);
         for (kind, count) in outcome.report.iter() {
             self.metrics.filter_action(kind, count);
         }
