@@ -914,4 +914,18 @@ mod tests {
         );
         assert_eq!(outcome.report.get(FilterAction::StreamOptionsRemoved), 1);
     }
+
+    #[test]
+    fn a_message_given_a_key_twice_is_judged_like_a_value() {
+        // The second assistant message gives `id` twice; whichever it answers, the `tool`
+        // result after it is checked against it, not against the first assistant.
+        let body = br#"{"messages": [
+            {"role": "assistant", "content": "a", "tool_calls": [{"id": "c0"}]},
+            {"role": "assistant", "content": "b", "tool_calls": [{"id": "c1", "id": "c2"}]},
+            {"role": "tool", "tool_call_id": "c0", "content": "r"}]}"#;
+        let outcome = sanitize_request_bytes(body);
+        assert_eq!(outcome.report.get(FilterAction::OrphanToolResultDropped), 1);
+        let sent: Value = serde_json::from_slice(&outcome.body.unwrap()).unwrap();
+        assert_eq!(sent["messages"].as_array().unwrap().len(), 2);
+    }
 }

@@ -105,8 +105,11 @@ pub fn fix_response(value: &mut Value, tools: &ToolContext) -> FilterReport {
 /// that are not JSON, or hold nothing to fix, are not parsed past a substring check.
 pub fn fix_response_bytes(body: &[u8], tools: &ToolContext) -> (Option<Vec<u8>>, FilterReport) {
     let unchanged = (None, FilterReport::default());
-    // Both fixes need one of these tokens, so most bodies are never parsed.
-    if !contains(body, DATABRICKS_TOOL_CALL) && !contains(body, "\"stop\"") {
+    // The remap needs a `databricks-tool-call`, the finish fix a `"stop"` on a choice with
+    // `"tool_calls"`; most bodies have neither and are never parsed.
+    if !contains(body, DATABRICKS_TOOL_CALL)
+        && !(contains(body, "\"stop\"") && contains(body, "\"tool_calls\""))
+    {
         return unchanged;
     }
     let Ok(mut value) = serde_json::from_slice::<Value>(body) else {

@@ -82,15 +82,19 @@ pub(crate) fn messages(raw: &RawValue) -> Messages<'_> {
     let Ok(list) = serde_json::from_str::<Vec<&RawValue>>(raw.get()) else {
         return Messages::Unreadable;
     };
-    let views: Vec<Option<Obj<Message<'_>>>> = list
+    // A message the view cannot read (a key given twice, say) might be an assistant message
+    // that later ones are judged against: then only the rules can tell.
+    let Ok(views) = list
         .iter()
-        .map(|message| serde_json::from_str(message.get()).ok())
-        .collect();
+        .map(|message| serde_json::from_str::<Obj<Message<'_>>>(message.get()))
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        return Messages::Unreadable;
+    };
     let mut preceding: Option<&Message<'_>> = None;
     let verdicts = list.iter().zip(&views).map(|(raw, view)| {
         let verdict = match view {
-            None => Verdict::Dirty,
-            Some(Obj::Map(message)) => {
+            Obj::Map(message) => {
                 let assistant = message.role.as_str() == Some("assistant");
                 let clean = message_is_clean(message, preceding);
                 if assistant {
@@ -102,7 +106,7 @@ pub(crate) fn messages(raw: &RawValue) -> Messages<'_> {
                     (true, false) => Verdict::Plain,
                 }
             }
-            Some(_) => Verdict::Plain,
+            _ => Verdict::Plain,
         };
         (*raw, verdict)
     });
