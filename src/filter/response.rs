@@ -107,9 +107,9 @@ pub fn fix_response_bytes(body: &[u8], tools: &ToolContext) -> (Option<Vec<u8>>,
     let unchanged = (None, FilterReport::default());
     // The remap needs a `databricks-tool-call`, the finish fix a `"stop"` on a choice with
     // `"tool_calls"`; most bodies have neither and are never parsed.
-    if !contains(body, DATABRICKS_TOOL_CALL)
-        && !(contains(body, "\"stop\"") && contains(body, "\"tool_calls\""))
-    {
+    let may_need_a_fix = contains(body, DATABRICKS_TOOL_CALL)
+        || (contains(body, "\"stop\"") && contains(body, "\"tool_calls\""));
+    if !may_need_a_fix {
         return unchanged;
     }
     let Ok(mut value) = serde_json::from_slice::<Value>(body) else {
