@@ -233,21 +233,33 @@ fn clean_tools(key: &str, raw: &RawValue) -> CleanTools {
 }
 
 /// Runs the rules on a `messages` list the view has read. Only the messages that may change,
-/// and the assistant messages later ones are checked against, are parsed into a `Value`; each
-/// other message stands in as its index (the rules keep anything that is not an object) and
-/// is copied as it came. `None` if a message the view read cannot be parsed after all.
+/// and the assistant messages before them that they may be checked against, are parsed into a
+/// `Value`; each other message stands in as its index (the rules keep anything that is not an
+/// object, and judge no message against it) and is copied as it came. `None` if a message the
+/// view read cannot be parsed after all.
 fn sanitize_message_list(
     list: &[(&RawValue, Verdict)],
     report: &mut FilterReport,
 ) -> Option<Member> {
-    if list.iter().all(|(_, verdict)| *verdict != Verdict::Dirty) {
+    // Nothing after the last message that may change is judged again, so from there on clean
+    // assistant messages stand in by index too.
+    let Some(last_dirty) = list
+        .iter()
+        .rposition(|(_, verdict)| *verdict == Verdict::Dirty)
+    else {
         return Some(Member::Keep);
-    }
+    };
     let mut messages = Vec::with_capacity(list.len());
     for (i, (raw, verdict)) in list.iter().enumerate() {
-        messages.push(match verdict {
-            Verdict::Plain => Value::from(i),
-            Verdict::CleanAssistant | Verdict::Dirty => serde_json::from_str(raw.get()).ok()?,
+        let parse = match verdict {
+            Verdict::Plain => false,
+            Verdict::CleanAssistant => i < last_dirty,
+            Verdict::Dirty => true,
+        };
+        messages.push(if parse {
+            serde_json::from_str(raw.get()).ok()?
+        } else {
+            Value::from(i)
         });
     }
     let mut request = Value::Object(Map::from_iter([(
