@@ -19,6 +19,7 @@ pub mod rotator;
 pub mod status;
 pub mod tokens;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -148,6 +149,25 @@ pub fn upstream_client(upstream: &Url) -> reqwest::Client {
     builder
         .build()
         .expect("the upstream client settings are valid")
+}
+
+/// How many connections the kernel holds for the proxy before it accepts them. The standard
+/// library and tokio ask for 128; a burst of agents' streams (or a load test) opening more at
+/// once would then see SYNs dropped and retried a second later. The kernel caps this at
+/// `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`], `SO_REUSEADDR` set as
+/// `TcpListener::bind` sets it. Must be called within a tokio runtime.
+pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// reqwest is built without a default TLS crypto provider; use ring's. Idempotent.

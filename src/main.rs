@@ -57,7 +57,7 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    let listener = match fresh_proxy::listen(config.listen) {
         Ok(listener) => listener,
         Err(err) => {
             tracing::error!(address = %config.listen, error = %err, "cannot listen");

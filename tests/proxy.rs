@@ -819,3 +819,23 @@ async fn gzip_from_upstream_is_decoded_so_the_stream_can_be_fixed() {
     assert!(!text.contains("databricks-tool-call"), "{text}");
     assert!(text.contains("\"finish_reason\":\"tool_calls\""), "{text}");
 }
+
+#[tokio::test]
+async fn a_burst_of_connections_waits_in_the_listen_backlog() {
+    let listener = fresh_proxy::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Nothing accepts: a connection completes its handshake only while the kernel has room to
+    // queue it. With the usual backlog of 128, connection 130 would wait for a SYN retry (1 s).
+    let mut open = Vec::new();
+    for n in 0..400 {
+        let stream = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("connection {n} was not queued"))
+        .unwrap();
+        open.push(stream);
+    }
+    assert_eq!(open.len(), 400);
+}

@@ -28,7 +28,7 @@ use super::schema::REMOVED_KEYWORDS;
 /// that is not a JSON object, and for an object that gives a key twice (a `Value` keeps the
 /// last, and only the full path reproduces that).
 pub(crate) fn members(body: &[u8]) -> Option<Vec<(Cow<'_, str>, &RawValue)>> {
-    // Serde would also read a map from nothing else, but be explicit: only objects are requests.
+    // Only objects are requests; `[...]` and the like are left alone by the caller.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return None;
     }
