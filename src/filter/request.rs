@@ -28,6 +28,26 @@ pub struct RequestOutcome {
     pub tools: ToolContext,
 }
 
+impl RequestOutcome {
+    /// Nothing changed: forward the original bytes.
+    fn unchanged(tools: ToolContext) -> Self {
+        RequestOutcome {
+            body: None,
+            report: FilterReport::default(),
+            tools,
+        }
+    }
+
+    /// The request went out rewritten as `body`.
+    fn changed(body: Vec<u8>, report: FilterReport, tools: ToolContext) -> Self {
+        RequestOutcome {
+            body: Some(body),
+            report,
+            tools,
+        }
+    }
+}
+
 /// Sanitises a parsed chat request in place, to a fixed point, and reports what changed.
 ///
 /// Handles the OpenAI (`messages[].content` as a string or parts, `tool_calls`, `tool` messages)
@@ -132,8 +152,8 @@ impl fmt::Debug for RequestSanitizer {
 enum Member {
     /// The member as it came.
     Keep,
-    /// The member's new value, as JSON.
-    Replace(Box<[u8]>),
+    /// The member's new value, as JSON; shared with what a [`RequestSanitizer`] remembers.
+    Replace(Arc<[u8]>),
     /// Nothing: the member is removed.
     Remove,
 }
@@ -156,12 +176,10 @@ fn sanitize_bytes(body: &[u8], sanitizer: Option<&RequestSanitizer>) -> RequestO
                 Member::Remove
             }
             "messages" => match view::messages(raw) {
-                Messages::List(list) if !list.is_empty() => {
-                    sanitize_message_list(&list, &mut report)
-                        .unwrap_or_else(|| sanitize_member(key, raw, &mut report).0)
-                }
+                Messages::List(list) => sanitize_message_list(&list, &mut report)
+                    .unwrap_or_else(|| sanitize_member(key, raw, &mut report).0),
                 Messages::Unreadable => sanitize_member(key, raw, &mut report).0,
-                _ => Member::Keep,
+                Messages::NotAList => Member::Keep,
             },
             "system" if !view::system_is_clean(raw) => sanitize_member(key, raw, &mut report).0,
             "tools" => {
@@ -184,11 +202,7 @@ fn sanitize_bytes(body: &[u8], sanitizer: Option<&RequestSanitizer>) -> RequestO
         out.push(member);
     }
     if report.is_empty() {
-        return RequestOutcome {
-            body: None,
-            report,
-            tools,
-        };
+        return RequestOutcome::unchanged(tools);
     }
     // A sanitised request is about as large as the original.
     let mut new_body = Vec::with_capacity(body.len());
@@ -197,7 +211,7 @@ fn sanitize_bytes(body: &[u8], sanitizer: Option<&RequestSanitizer>) -> RequestO
     for ((key, raw), member) in members.iter().zip(&out) {
         let value = match member {
             Member::Keep => raw.get().as_bytes(),
-            Member::Replace(value) => value,
+            Member::Replace(value) => &**value,
             Member::Remove => continue,
         };
         if !first {
@@ -210,11 +224,7 @@ fn sanitize_bytes(body: &[u8], sanitizer: Option<&RequestSanitizer>) -> RequestO
         new_body.extend_from_slice(value);
     }
     new_body.push(b'}');
-    RequestOutcome {
-        body: Some(new_body),
-        report,
-        tools,
-    }
+    RequestOutcome::changed(new_body, report, tools)
 }
 
 /// Cleans one `tools` member, reading it through the view first.
@@ -320,24 +330,12 @@ fn sanitize_whole(body: &[u8]) -> RequestOutcome {
     let report = sanitize_request(&mut value);
     let tools = ToolContext::from_request(&value);
     if report.is_empty() {
-        return RequestOutcome {
-            body: None,
-            report,
-            tools,
-        };
+        return RequestOutcome::unchanged(tools);
     }
     let mut new_body = Vec::with_capacity(body.len());
     match serde_json::to_writer(&mut new_body, &value) {
-        Ok(()) => RequestOutcome {
-            body: Some(new_body),
-            report,
-            tools,
-        },
-        Err(_) => RequestOutcome {
-            body: None,
-            report: FilterReport::default(),
-            tools,
-        },
+        Ok(()) => RequestOutcome::changed(new_body, report, tools),
+        Err(_) => RequestOutcome::unchanged(tools),
     }
 }
 

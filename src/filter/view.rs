@@ -28,10 +28,7 @@ use super::schema::REMOVED_KEYWORDS;
 /// that is not a JSON object, and for an object that gives a key twice (a `Value` keeps the
 /// last, and only the full path reproduces that).
 pub(crate) fn members(body: &[u8]) -> Option<Vec<(Cow<'_, str>, &RawValue)>> {
-    // Only objects are requests; `[...]` and the like are left alone by the caller.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return None;
-    }
+    // `Members` reads a map only, so anything else is an error here.
     serde_json::from_slice::<Members<'_>>(body)
         .ok()
         .map(|members| members.0)
@@ -335,6 +332,40 @@ impl Obj<Block<'_>> {
     }
 }
 
+/// For a visitor that takes any JSON value: what it expects, and what `null` and a boolean or
+/// number (which the rules never look into) become. Strings, lists and objects are its own.
+macro_rules! visit_any_scalars {
+    (null => $null:expr, other => $other:expr) => {
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok($null)
+        }
+
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok($null)
+        }
+
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+    };
+}
+
 /// A value of which the rules only need the kind; strings are reduced to whether they are blank,
 /// so long ones are never copied.
 #[derive(Default)]
@@ -373,17 +404,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shape<T> {
         impl<'de, T: Deserialize<'de>> Visitor<'de> for ShapeVisitor<T> {
             type Value = Shape<T>;
 
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-
-            fn visit_unit<E>(self) -> Result<Shape<T>, E> {
-                Ok(Shape::Null)
-            }
-
-            fn visit_none<E>(self) -> Result<Shape<T>, E> {
-                Ok(Shape::Null)
-            }
+            visit_any_scalars!(null => Shape::Null, other => Shape::Other);
 
             fn visit_str<E>(self, text: &str) -> Result<Shape<T>, E> {
                 Ok(if text.trim().is_empty() {
@@ -391,22 +412,6 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shape<T> {
                 } else {
                     Shape::Text
                 })
-            }
-
-            fn visit_bool<E>(self, _: bool) -> Result<Shape<T>, E> {
-                Ok(Shape::Other)
-            }
-
-            fn visit_i64<E>(self, _: i64) -> Result<Shape<T>, E> {
-                Ok(Shape::Other)
-            }
-
-            fn visit_u64<E>(self, _: u64) -> Result<Shape<T>, E> {
-                Ok(Shape::Other)
-            }
-
-            fn visit_f64<E>(self, _: f64) -> Result<Shape<T>, E> {
-                Ok(Shape::Other)
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Shape<T>, A::Error> {
@@ -438,35 +443,9 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
         impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjVisitor<T> {
             type Value = Obj<T>;
 
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-
-            fn visit_unit<E>(self) -> Result<Obj<T>, E> {
-                Ok(Obj::Other)
-            }
-
-            fn visit_none<E>(self) -> Result<Obj<T>, E> {
-                Ok(Obj::Other)
-            }
+            visit_any_scalars!(null => Obj::Other, other => Obj::Other);
 
             fn visit_str<E>(self, _: &str) -> Result<Obj<T>, E> {
-                Ok(Obj::Other)
-            }
-
-            fn visit_bool<E>(self, _: bool) -> Result<Obj<T>, E> {
-                Ok(Obj::Other)
-            }
-
-            fn visit_i64<E>(self, _: i64) -> Result<Obj<T>, E> {
-                Ok(Obj::Other)
-            }
-
-            fn visit_u64<E>(self, _: u64) -> Result<Obj<T>, E> {
-                Ok(Obj::Other)
-            }
-
-            fn visit_f64<E>(self, _: f64) -> Result<Obj<T>, E> {
                 Ok(Obj::Other)
             }
 
@@ -509,9 +488,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
         impl<'de> Visitor<'de> for StrVisitor {
             type Value = Str<'de>;
 
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
+            visit_any_scalars!(null => Str::Other, other => Str::Other);
 
             fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Str<'de>, E> {
                 Ok(Str::Text(Cow::Borrowed(text)))
@@ -519,30 +496,6 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
 
             fn visit_str<E>(self, text: &str) -> Result<Str<'de>, E> {
                 Ok(Str::Text(Cow::Owned(text.to_owned())))
-            }
-
-            fn visit_unit<E>(self) -> Result<Str<'de>, E> {
-                Ok(Str::Other)
-            }
-
-            fn visit_none<E>(self) -> Result<Str<'de>, E> {
-                Ok(Str::Other)
-            }
-
-            fn visit_bool<E>(self, _: bool) -> Result<Str<'de>, E> {
-                Ok(Str::Other)
-            }
-
-            fn visit_i64<E>(self, _: i64) -> Result<Str<'de>, E> {
-                Ok(Str::Other)
-            }
-
-            fn visit_u64<E>(self, _: u64) -> Result<Str<'de>, E> {
-                Ok(Str::Other)
-            }
-
-            fn visit_f64<E>(self, _: f64) -> Result<Str<'de>, E> {
-                Ok(Str::Other)
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Str<'de>, A::Error> {
@@ -597,9 +550,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for NamedSchemas<'a> {
         impl<'de> Visitor<'de> for NamedVisitor {
             type Value = NamedSchemas<'de>;
 
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
+            visit_any_scalars!(null => NamedSchemas::default(), other => NamedSchemas::default());
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut names = Vec::new();
@@ -624,26 +575,6 @@ impl<'de: 'a, 'a> Deserialize<'de> for NamedSchemas<'a> {
             fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
                 Ok(NamedSchemas::default())
             }
-
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(NamedSchemas::default())
-            }
-
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(NamedSchemas::default())
-            }
-
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(NamedSchemas::default())
-            }
-
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(NamedSchemas::default())
-            }
-
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(NamedSchemas::default())
-            }
         }
 
         deserializer.deserialize_any(NamedVisitor)
@@ -657,9 +588,7 @@ struct SchemaVisitor {
 impl<'de> Visitor<'de> for SchemaVisitor {
     type Value = Schema;
 
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
+    visit_any_scalars!(null => Schema::default(), other => Schema::default());
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Schema, A::Error> {
         let mut dirty = false;
@@ -730,26 +659,6 @@ impl<'de> Visitor<'de> for SchemaVisitor {
     }
 
     fn visit_str<E>(self, _: &str) -> Result<Schema, E> {
-        Ok(Schema::default())
-    }
-
-    fn visit_unit<E>(self) -> Result<Schema, E> {
-        Ok(Schema::default())
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Schema, E> {
-        Ok(Schema::default())
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Schema, E> {
-        Ok(Schema::default())
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Schema, E> {
-        Ok(Schema::default())
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Schema, E> {
         Ok(Schema::default())
     }
 }
