@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod proxy;
 pub mod rotator;
+pub mod server;
 pub mod status;
 pub mod tokens;
 
@@ -52,6 +53,7 @@ pub struct AppState {
     source: Arc<dyn TokenSource>,
     status: StatusCell,
     metrics: Metrics,
+    request_ids: RequestCounter,
 }
 
 impl std::fmt::Debug for AppState {
@@ -124,7 +126,18 @@ impl AppState {
             source,
             status,
             metrics,
+            request_ids: RequestCounter::default(),
         }
+    }
+
+    /// A copy sharing everything (token source, status, metrics, request ids, the filter's
+    /// memory) but the upstream client, which is new. A client's pooled connections are driven
+    /// by tasks on the runtime that opened them, so each runtime serving the app should have its
+    /// own: [`server::serve`] builds one copy per worker.
+    pub fn for_runtime(&self) -> Self {
+        let mut copy = self.clone();
+        copy.forwarder.client = upstream_client(&self.forwarder.upstream_base);
+        copy
     }
 
     /// The metrics this app records into.
@@ -180,6 +193,7 @@ pub fn install_crypto_provider() {
 pub fn app(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     let forwarder = state.forwarder.clone();
+    let request_ids = state.request_ids.clone();
     let forward = ServiceBuilder::new()
         .map_response(
             move |res: http::Response<fresh_token::ResponseBody<Body>>| {
@@ -201,7 +215,7 @@ pub fn app(state: AppState) -> Router {
         .layer(
             ServiceBuilder::new()
                 .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
-                .layer(SetRequestIdLayer::x_request_id(RequestCounter::default()))
+                .layer(SetRequestIdLayer::x_request_id(request_ids))
                 .layer(
                     TraceLayer::new_for_http()
                         .make_span_with(|req: &Request<_>| {

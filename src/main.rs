@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use fresh_proxy::config::{Cli, Config, LogFormat, Secrets};
 use fresh_proxy::tokens::TokenSetup;
-use fresh_proxy::{AppState, ProxySettings, app};
+use fresh_proxy::{AppState, ProxySettings, app, server};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -26,7 +26,12 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // This runtime accepts connections and runs the token machinery; requests are served by the
+    // worker threads of `fresh_proxy::server`, each with a runtime of its own.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("fresh-proxy: cannot start the runtime: {err}");
@@ -91,8 +96,11 @@ async fn serve(config: Config) -> ExitCode {
     );
 
     let shutdown = CancellationToken::new();
-    let server = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let workers = server::default_workers();
+    tracing::debug!(workers, "serving");
+    let server = server::serve(listener, workers, shutdown.clone(), move || {
+        app(state.for_runtime())
+    });
     let signal = {
         let shutdown = shutdown.clone();
         async move {

@@ -16,8 +16,9 @@
 #   DURATION=10         seconds per wrk run; WARMUP=2 seconds per target before round 1
 #   CONNECTIONS=32      wrk connections for the throughput and added-latency targets
 #   PACED_DELAY_MS=16   also run CONNECTIONS connections that each pause between requests,
-#                       exponentially distributed with this mean (about 2,000 req/s in all:
-#                       loaded, not saturated; empty: skip)
+#                       exponentially distributed with this mean (16: about 2,000 req/s in all,
+#                       loaded, not saturated). A list such as "16 32 64" runs each in turn, a
+#                       sweep of offered load; empty: skip)
 #   LOW_CONNECTIONS=1   also measure added latency at this concurrency (empty: skip)
 #   WRK_THREADS=1       wrk threads
 #   UPSTREAM_THREADS=1  worker threads of the fake upstream
@@ -339,7 +340,7 @@ load() {
 RESULTS="$OUT/results.tsv"
 # Load modes, CONNECTIONS:PAUSE_MS. The first one is the one the targets are about.
 MODES=("$CONNECTIONS:0")
-[[ -n "$PACED_DELAY_MS" ]] && MODES+=("$CONNECTIONS:$PACED_DELAY_MS")
+for pause in $PACED_DELAY_MS; do MODES+=("$CONNECTIONS:$pause"); done
 [[ -n "$LOW_CONNECTIONS" ]] && MODES+=("$LOW_CONNECTIONS:0")
 mode_label() {
     local conns="${1%%:*}" pause="${1#*:}"
