@@ -839,3 +839,12 @@ async fn a_burst_of_connections_waits_in_the_listen_backlog() {
     }
     assert_eq!(open.len(), 400);
 }
+
+#[tokio::test]
+async fn a_second_proxy_on_the_same_port_is_refused() {
+    let first = fresh_proxy::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = first.local_addr().unwrap();
+    // The listening socket is bound exclusively: a second proxy must not share its connections.
+    let second = fresh_proxy::listen(addr).expect_err("the port is taken");
+    assert_eq!(second.kind(), std::io::ErrorKind::AddrInUse);
+}
