@@ -15,10 +15,11 @@
 #   ROUNDS=3            alternating rounds (direct, reference, proxy in each)
 #   DURATION=10         seconds per wrk run; WARMUP=2 seconds per target before round 1
 #   CONNECTIONS=32      wrk connections for the throughput and added-latency targets
-#   PACED_DELAY_MS=16   also run CONNECTIONS connections that each pause between requests,
-#                       exponentially distributed with this mean (16: about 2,000 req/s in all,
-#                       loaded, not saturated). A list such as "16 32 64" runs each in turn, a
-#                       sweep of offered load; empty: skip)
+#   PACED_DELAY_MS="16 32 64 128"
+#                       also run CONNECTIONS connections that each pause between requests,
+#                       exponentially distributed with this mean, once per mean in the list: a
+#                       sweep of offered load from about 2,000 req/s (16) down to 250 (128),
+#                       loaded but not saturated; empty: skip
 #   LOW_CONNECTIONS=1   also measure added latency at this concurrency (empty: skip)
 #   WRK_THREADS=1       wrk threads
 #   UPSTREAM_THREADS=1  worker threads of the fake upstream
@@ -43,7 +44,7 @@ DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
 CONNECTIONS="${CONNECTIONS:-32}"
 LOW_CONNECTIONS="${LOW_CONNECTIONS-1}"
-PACED_DELAY_MS="${PACED_DELAY_MS-16}"
+PACED_DELAY_MS="${PACED_DELAY_MS-16 32 64 128}"
 WRK_THREADS="${WRK_THREADS:-1}"
 UPSTREAM_THREADS="${UPSTREAM_THREADS:-1}"
 REFERENCE="${REFERENCE:-auto}"
@@ -489,6 +490,11 @@ say "== targets"
 if [[ "$SKIP_THROUGHPUT" != 1 ]]; then
     say "throughput >= 0.8x reference at c=$CONNECTIONS: $ratio  $(verdict "$ratio >= 0.8")"
     say "p99 added latency <= 1 ms at c=$CONNECTIONS: $add99 ms  $(verdict "$add99 <= 1")"
+    for mode in "${MODES[@]}"; do
+        [[ "$mode" == "$CONNECTIONS:0" || "${mode%%:*}" != "$CONNECTIONS" ]] && continue
+        paced="$(field add99 <<<"$(summary "$mode" | grep '^TARGETS')")"
+        say "  $(mode_label "$mode"): $paced ms  $(verdict "$paced <= 1")"
+    done
     say "peak RSS < 64 MB: $(mb "$PROXY_PEAK_KB") MB  $(verdict "$PROXY_PEAK_KB < 65536")"
 fi
 [[ "$PERF" == 1 ]] && say "profile: perf report -i $OUT/perf.data --no-children --sort symbol"
