@@ -187,6 +187,7 @@ mod tests {
     use axum::routing::get;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::Notify;
+    use tokio::task::JoinHandle;
 
     use super::*;
 
@@ -223,17 +224,26 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn connections_are_dealt_round_robin_and_stay_on_their_worker() {
+    /// `serve` on a free loopback port with `workers` workers: its address, the shutdown
+    /// switch, and the running server.
+    async fn start<F>(
+        workers: usize,
+        make_app: F,
+    ) -> (SocketAddr, CancellationToken, JoinHandle<io::Result<()>>)
+    where
+        F: Fn() -> Router + Clone + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(
-            listener,
-            NonZeroUsize::new(3).unwrap(),
-            shutdown.clone(),
-            thread_name_app,
-        ));
+        let workers = NonZeroUsize::new(workers).unwrap();
+        let server = tokio::spawn(serve(listener, workers, shutdown.clone(), make_app));
+        (addr, shutdown, server)
+    }
+
+    #[tokio::test]
+    async fn connections_are_dealt_round_robin_and_stay_on_their_worker() {
+        let (addr, shutdown, server) = start(3, thread_name_app).await;
 
         let mut per_worker = BTreeMap::<String, usize>::new();
         let mut connections = Vec::new();
@@ -277,15 +287,7 @@ mod tests {
                 )
             }
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(
-            listener,
-            NonZeroUsize::new(2).unwrap(),
-            shutdown.clone(),
-            app,
-        ));
+        let (addr, shutdown, mut server) = start(2, app).await;
 
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let in_flight = tokio::spawn(async move { get_on(&mut stream, "/slow").await });
@@ -301,7 +303,6 @@ mod tests {
         .await
         .expect("the listener closed");
         // ...while the server waits for the request in flight.
-        let mut server = server;
         assert!(
             tokio::time::timeout(Duration::from_millis(100), &mut server)
                 .await

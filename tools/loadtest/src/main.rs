@@ -77,16 +77,9 @@ impl ServerArgs {
                 "the harness listens on loopback addresses only",
             ));
         }
-        // A backlog of 1,024 like the proxy's: the SSE run opens 1,000 connections at once, and
-        // the usual 128 would drop SYNs that are then retried a second later.
-        let socket = if self.listen.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(self.listen)?;
-        let listener = socket.listen(1024)?;
+        // The proxy's own listen, with its backlog of 1,024: the SSE run opens 1,000 connections
+        // at once, and the usual 128 would drop SYNs that are then retried a second later.
+        let listener = fresh_proxy::listen(self.listen)?;
         let port = listener.local_addr()?.port();
         if let Some(path) = &self.port_file {
             std::fs::write(path, format!("{port}\n"))?;
