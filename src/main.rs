@@ -26,8 +26,9 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format);
-    // This runtime accepts connections and runs the token machinery; requests are served by the
-    // worker threads of `fresh_proxy::server`, each with a runtime of its own.
+    // This runtime accepts connections; requests are served by the worker threads of
+    // `fresh_proxy::server`, and the token machinery runs on a thread of its own, each with a
+    // runtime of its own.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -83,7 +84,13 @@ async fn serve(config: Config) -> ExitCode {
         setup.activity.clone(),
     );
     let background = CancellationToken::new();
-    let task = tokio::spawn(setup.run(background.clone()));
+    let token_machinery = match spawn_token_machinery(setup, background.clone()) {
+        Ok(done) => done,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the token thread");
+            return ExitCode::FAILURE;
+        }
+    };
 
     let address = listener
         .local_addr()
@@ -124,8 +131,29 @@ async fn serve(config: Config) -> ExitCode {
         }
     };
     background.cancel();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), token_machinery).await;
     code
+}
+
+/// Runs the token machinery (rotation, OAuth refresh) on a thread and runtime of its own, so
+/// that its file writes, each ending in an `fsync`, never hold up accepting connections. New
+/// tokens reach the workers through the shared source, not through this runtime. The receiver
+/// resolves once the machinery has stopped.
+fn spawn_token_machinery(
+    setup: TokenSetup,
+    cancel: CancellationToken,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (done, stopped) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("fresh-proxy-tokens".to_owned())
+        .spawn(move || {
+            runtime.block_on(setup.run(cancel));
+            let _ = done.send(());
+        })?;
+    Ok(stopped)
 }
 
 fn state_source(config: &Config) -> &'static str {
