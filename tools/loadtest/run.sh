@@ -3,8 +3,8 @@
 #
 # Starts a fast fake upstream, the release proxy (follower mode, full filter), and a reference
 # passthrough (nginx proxy_pass, or the harness's own hyper passthrough when nginx is absent);
-# loads direct-to-upstream, reference and proxy in alternation with wrk POSTing the 3.7 KB agent
-# request; then runs 1,000 concurrent slow SSE streams through a fresh proxy. Prints throughput
+# loads direct-to-upstream, reference, the bare passthrough (FLOOR) and proxy in alternation with
+# wrk POSTing the 3.7 KB agent request; then runs 1,000 concurrent slow SSE streams through a fresh proxy. Prints throughput
 # ratio, added p50/p99 latency, peak RSS, and whether each target is met.
 #
 # Loopback only. Every load run is bounded in time and count; the servers stop when this script
@@ -24,6 +24,9 @@
 #   WRK_THREADS=1       wrk threads
 #   UPSTREAM_THREADS=1  worker threads of the fake upstream
 #   REFERENCE=auto      auto | nginx | hyper
+#   FLOOR=auto          1: also load the harness's bare hyper passthrough (no filter) as a fourth
+#                       target, "floor": the least any reverse proxy adds on this machine.
+#                       auto: on when the reference is nginx (otherwise it is the reference)
 #   NGINX_WORKERS=auto  nginx worker_processes
 #   NGINX_KEEPALIVE=0   1: nginx keeps upstream connections alive (HTTP/1.1, keepalive 64)
 #   WRK_CPUS= UPSTREAM_CPUS= PROXY_CPUS=   taskset CPU lists (PROXY_CPUS also pins the reference)
@@ -48,6 +51,7 @@ PACED_DELAY_MS="${PACED_DELAY_MS-16 32 64 128}"
 WRK_THREADS="${WRK_THREADS:-1}"
 UPSTREAM_THREADS="${UPSTREAM_THREADS:-1}"
 REFERENCE="${REFERENCE:-auto}"
+FLOOR="${FLOOR:-auto}"
 NGINX_WORKERS="${NGINX_WORKERS:-auto}"
 NGINX_KEEPALIVE="${NGINX_KEEPALIVE:-0}"
 WRK_CPUS="${WRK_CPUS:-}"
@@ -198,12 +202,33 @@ stop_proxy() {
 }
 
 # --- reference passthrough --------------------------------------------------------------------
+# `start_passthrough PORT`: the harness's bare hyper passthrough on PORT, in the background.
+start_passthrough() {
+    pin "$PROXY_CPUS"
+    "${PIN[@]}" "$LT" passthrough --listen "127.0.0.1:$1" \
+        --upstream "http://127.0.0.1:$UPSTREAM_PORT/serving-endpoints" \
+        --threads "$(nproc)" --max-seconds "$MAX_SECONDS" >>"$WORK/passthrough.log" 2>&1 &
+}
+
+# `wait_for_listener PORT WHAT`: any answer (even 4xx) shows that it is listening.
+wait_for_listener() {
+    for _ in $(seq 200); do
+        curl -sS -o /dev/null "http://127.0.0.1:$1/" 2>/dev/null && return 0
+        sleep 0.05
+    done
+    die "$2 did not start (see $WORK)"
+}
+
+uses_nginx() {
+    [[ "$REFERENCE" == nginx || ("$REFERENCE" == auto && -x "$(command -v nginx || true)") ]]
+}
+
 REF_PID=""
 REF_PORT=""
 REF_KIND=""
 start_reference() {
     REF_PORT="$("$LT" free-port)"
-    if [[ "$REFERENCE" == nginx || ("$REFERENCE" == auto && -x "$(command -v nginx || true)") ]]; then
+    if uses_nginx; then
         command -v nginx >/dev/null || die "REFERENCE=nginx but nginx is not installed"
         local keepalive="" http11=""
         if [[ "$NGINX_KEEPALIVE" == 1 ]]; then
@@ -241,19 +266,21 @@ EOF
     else
         REF_KIND="hyper passthrough"
         [[ "$REFERENCE" == auto ]] && REF_KIND="hyper passthrough (nginx is not installed)"
-        pin "$PROXY_CPUS"
-        "${PIN[@]}" "$LT" passthrough --listen "127.0.0.1:$REF_PORT" \
-            --upstream "http://127.0.0.1:$UPSTREAM_PORT/serving-endpoints" \
-            --threads "$(nproc)" --max-seconds "$MAX_SECONDS" >"$WORK/passthrough.log" 2>&1 &
+        start_passthrough "$REF_PORT"
     fi
     REF_PID=$!
     started "$REF_PID"
-    # Any answer (even 4xx) shows that it is listening.
-    for _ in $(seq 200); do
-        curl -sS -o /dev/null "http://127.0.0.1:$REF_PORT/" 2>/dev/null && return 0
-        sleep 0.05
-    done
-    die "the reference passthrough did not start (see $WORK)"
+    wait_for_listener "$REF_PORT" "the reference passthrough"
+}
+
+FLOOR_PID=""
+FLOOR_PORT=""
+start_floor() {
+    FLOOR_PORT="$("$LT" free-port)"
+    start_passthrough "$FLOOR_PORT"
+    FLOOR_PID=$!
+    started "$FLOOR_PID"
+    wait_for_listener "$FLOOR_PORT" "the bare passthrough"
 }
 
 # Peak RSS of the reference: its own process plus nginx's workers.
@@ -269,6 +296,7 @@ url_of() {
     case "$1" in
         direct) say "http://127.0.0.1:$UPSTREAM_PORT/serving-endpoints$ENDPOINT_PATH" ;;
         reference) say "http://127.0.0.1:$REF_PORT$ENDPOINT_PATH" ;;
+        floor) say "http://127.0.0.1:$FLOOR_PORT$ENDPOINT_PATH" ;;
         proxy) say "http://127.0.0.1:$PROXY_PORT$ENDPOINT_PATH" ;;
     esac
 }
@@ -291,6 +319,7 @@ pids_of() {
     case "$1" in
         direct) say "$UPSTREAM_PID" ;;
         reference) say "$REF_PID $(pgrep -P "$REF_PID" | tr '\n' ' ')" ;;
+        floor) say "$FLOOR_PID" ;;
         proxy) say "$PROXY_PID" ;;
     esac
 }
@@ -339,6 +368,11 @@ load() {
 }
 
 RESULTS="$OUT/results.tsv"
+# What each round loads, in this order.
+TARGETS=(direct reference proxy)
+if [[ "$FLOOR" == 1 ]] || { [[ "$FLOOR" == auto ]] && uses_nginx; }; then
+    TARGETS=(direct reference floor proxy)
+fi
 # Load modes, CONNECTIONS:PAUSE_MS. The first one is the one the targets are about.
 MODES=("$CONNECTIONS:0")
 for pause in $PACED_DELAY_MS; do MODES+=("$CONNECTIONS:$pause"); done
@@ -360,6 +394,10 @@ if [[ "$SKIP_THROUGHPUT" != 1 ]]; then
     start_proxy
     start_reference
     say "reference: $REF_KIND"
+    if [[ " ${TARGETS[*]} " == *" floor "* ]]; then
+        start_floor
+        say "floor: hyper passthrough, no filter"
+    fi
     say "wrk: $WRK_THREADS thread(s), $CONNECTIONS connections, ${DURATION}s per run, $ROUNDS rounds"
     [[ -n "$WRK_CPUS$UPSTREAM_CPUS$PROXY_CPUS" ]] &&
         say "pinning: wrk=${WRK_CPUS:-any} upstream=${UPSTREAM_CPUS:-any} proxy/reference=${PROXY_CPUS:-any}"
@@ -373,7 +411,7 @@ if [[ "$SKIP_THROUGHPUT" != 1 ]]; then
     sent=$(($(request_bytes <<<"$after") - $(request_bytes <<<"$before")))
     say "filter: the proxy forwards $sent of $(wc -c <"$BODY") bytes"
 
-    for target in direct reference proxy; do
+    for target in "${TARGETS[@]}"; do
         load "$target" "$CONNECTIONS" "$WARMUP" >/dev/null
     done
     for round in $(seq "$ROUNDS"); do
@@ -382,7 +420,7 @@ if [[ "$SKIP_THROUGHPUT" != 1 ]]; then
             pause="${mode#*:}"
             seconds="$DURATION"
             [[ "$mode" != "$CONNECTIONS:0" ]] && seconds=$(((DURATION + 1) / 2))
-            for target in direct reference proxy; do
+            for target in "${TARGETS[@]}"; do
                 line="$(load "$target" "$conns" "$seconds" "$pause")"
                 [[ -n "$line" ]] || die "wrk printed no result for $target"
                 say "round $round $(mode_label "$mode") $target: $line"
@@ -431,7 +469,7 @@ fi
 field() { sed -n "s/.*[[:space:]]$1=\(-\{0,1\}[0-9.]*\).*/\1/p"; }
 # `summary MODE`: per-target medians over rounds in one load mode, then the target figures.
 summary() {
-    awk -F'\t' -v mode="$1" '
+    awk -F'\t' -v mode="$1" -v targets="${TARGETS[*]}" '
         function get(line, key) { return match(line, key "=[0-9]+") ? substr(line, RSTART + length(key) + 1, RLENGTH - length(key) - 1) : 0 }
         function median(a, n,   i, j, t) {
             for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] > a[j]; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
@@ -447,9 +485,9 @@ summary() {
         }
         END {
             if (!rounds) exit
-            split("direct reference proxy", targets, " ")
-            for (k = 1; k <= 3; k++) {
-                t = targets[k]
+            n = split(targets, names, " ")
+            for (k = 1; k <= n; k++) {
+                t = names[k]
                 for (r = 1; r <= rounds; r++) { a[r] = rps[t, r]; b[r] = p50[t, r]; c[r] = p99[t, r]; d[r] = cpu[t, r] }
                 printf "  %-9s  %9.0f req/s   p50 %7.3f ms   p99 %7.3f ms   CPU %4.0f us/req   errors %d   other load <= %d%%\n", t, median(a, rounds), median(b, rounds) / 1000, median(c, rounds) / 1000, median(d, rounds), bad[t], other[t]
             }
@@ -458,13 +496,17 @@ summary() {
                 add50[r] = (p50["proxy", r] - p50["direct", r]) / 1000
                 add99[r] = (p99["proxy", r] - p99["direct", r]) / 1000
                 refadd99[r] = (p99["reference", r] - p99["direct", r]) / 1000
+                flooradd99[r] = (p99["floor", r] - p99["direct", r]) / 1000
             }
             printf "  throughput proxy/reference: %.2f (rounds:", median(ratio, rounds)
             for (r = 1; r <= rounds; r++) printf " %.2f", rps["proxy", r] / rps["reference", r]
             printf ")\n"
             printf "  added by proxy:     p50 %.3f ms   p99 %.3f ms\n", median(add50, rounds), median(add99, rounds)
             printf "  added by reference: p99 %.3f ms\n", median(refadd99, rounds)
-            printf "TARGETS ratio=%.3f add99=%.3f\n", median(ratio, rounds), median(add99, rounds)
+            if (("floor", 1) in p99) printf "  added by floor:     p99 %.3f ms\n", median(flooradd99, rounds)
+            printf "TARGETS ratio=%.3f add99=%.3f", median(ratio, rounds), median(add99, rounds)
+            if (("floor", 1) in p99) printf " floor99=%.3f", median(flooradd99, rounds)
+            printf "\n"
         }' "$RESULTS"
 }
 
@@ -489,11 +531,19 @@ say ""
 say "== targets"
 if [[ "$SKIP_THROUGHPUT" != 1 ]]; then
     say "throughput >= 0.8x reference at c=$CONNECTIONS: $ratio  $(verdict "$ratio >= 0.8")"
-    say "p99 added latency <= 1 ms at c=$CONNECTIONS: $add99 ms  $(verdict "$add99 <= 1")"
+    # With the floor loaded, each latency verdict also says what the bare passthrough adds.
+    floor_note() {
+        local floor99
+        floor99="$(field floor99 <<<"$1")"
+        [[ -n "$floor99" ]] && say "  (bare passthrough adds $floor99 ms)"
+        return 0
+    }
+    say "p99 added latency <= 1 ms at c=$CONNECTIONS: $add99 ms  $(verdict "$add99 <= 1")$(floor_note "$targets")"
     for mode in "${MODES[@]}"; do
         [[ "$mode" == "$CONNECTIONS:0" || "${mode%%:*}" != "$CONNECTIONS" ]] && continue
-        paced="$(field add99 <<<"$(summary "$mode" | grep '^TARGETS')")"
-        say "  $(mode_label "$mode"): $paced ms  $(verdict "$paced <= 1")"
+        line="$(summary "$mode" | grep '^TARGETS')"
+        paced="$(field add99 <<<"$line")"
+        say "  $(mode_label "$mode"): $paced ms  $(verdict "$paced <= 1")$(floor_note "$line")"
     done
     say "peak RSS < 64 MB: $(mb "$PROXY_PEAK_KB") MB  $(verdict "$PROXY_PEAK_KB < 65536")"
 fi
