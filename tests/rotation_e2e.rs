@@ -123,7 +123,7 @@ async fn ten_rotations_under_load_fail_no_request() {
     let bootstrap = ws.mint(Duration::from_secs(600));
     let home = write_home(&ws);
     let cfg = home.path().join(".databrickscfg");
-    let proxy = start(rotating_proxy(home.path(), &bootstrap.value, 4, 1, 1)).await;
+    let mut proxy = start(rotating_proxy(home.path(), &bootstrap.value, 4, 1, 1)).await;
 
     let load = Load::start(&proxy.url(), 4);
     wait_until(Duration::from_secs(60), "ten rotations", || async {
@@ -186,6 +186,17 @@ async fn ten_rotations_under_load_fail_no_request() {
         !logs.to_ascii_lowercase().contains("bearer "),
         "an Authorization header reached the logs"
     );
+
+    // SIGTERM: the rotator stops (it runs on a thread of its own) and the process exits cleanly.
+    proxy.terminate();
+    let (status, proxy) = tokio::task::spawn_blocking(move || {
+        let status = proxy.wait(Duration::from_secs(20));
+        (status, proxy)
+    })
+    .await
+    .unwrap();
+    assert!(status.expect("exited after SIGTERM").success());
+    assert!(proxy.logs().contains("rotator stopped"), "{}", proxy.logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
