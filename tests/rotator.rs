@@ -623,6 +623,10 @@ async fn lapse_lets_an_idle_token_expire_and_resumes_from_the_config_file() {
     let denied = setup.workspace.stats().denied;
     assert_eq!(rotator.rotations(), 1);
     assert!(logs().contains("no API call is made with it"));
+    assert!(
+        rotator.source.current().is_none(),
+        "the expired token is not handed to the proxy"
+    );
 
     // A person puts a new token in the config file: rotation resumes with it.
     let fresh = setup.workspace.mint(Duration::from_secs(60));
@@ -635,6 +639,8 @@ async fn lapse_lets_an_idle_token_expire_and_resumes_from_the_config_file() {
         "no call with a dead token"
     );
     assert!(setup.workspace.stats().requests > requests);
+    let current = rotator.source.current().expect("a token again");
+    assert!(setup.workspace.is_live(current.expose_secret()));
     rotator.stop().await;
 }
 
@@ -673,5 +679,9 @@ async fn a_restart_after_the_minted_token_expired_makes_no_call_with_it() {
     let after = setup.workspace.stats();
     assert_eq!(after.creates, stats.creates, "no mint with a dead token");
     assert_eq!(after.denied, stats.denied, "no call with a dead token");
+    assert!(
+        second.source.current().is_none(),
+        "the expired token is not handed to the proxy"
+    );
     second.stop().await;
 }

@@ -65,7 +65,7 @@ pub mod state;
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use fresh_token::{ConfigFileToken, RefreshFuture, SharedToken, Token, TokenSource};
 use tokio_util::sync::CancellationToken;
@@ -170,9 +170,11 @@ impl fmt::Debug for Rotator {
 /// The proxy's view of the rotated token.
 ///
 /// [`current`](TokenSource::current) is an atomic load of the token the rotator (or, in a
-/// follower, the config file watcher) published. [`refresh`](TokenSource::refresh) offers a
-/// newer published token if there is one, else re-reads the config file at once and adopts a
-/// different token found there (someone else rotated, or a person put a new token in).
+/// follower, the config file watcher) published, unless that token is known to have expired:
+/// then there is no token (the proxy answers 503) rather than one the workspace would refuse.
+/// [`refresh`](TokenSource::refresh) offers a newer published token if there is one, else
+/// re-reads the config file at once and adopts a different token found there (someone else
+/// rotated, or a person put a new token in).
 #[derive(Clone)]
 pub struct RotatorSource {
     shared: SharedToken,
@@ -181,17 +183,19 @@ pub struct RotatorSource {
 
 impl TokenSource for RotatorSource {
     fn current(&self) -> Option<Token> {
-        self.shared.current()
+        self.shared
+            .current()
+            .filter(|token| !token.is_expired_at(SystemTime::now()))
     }
 
     fn refresh<'a>(&'a self, rejected: &'a Token) -> RefreshFuture<'a> {
         Box::pin(async move {
-            if let Some(token) = self.shared.current().filter(|t| !t.same_secret(rejected)) {
+            if let Some(token) = self.current().filter(|t| !t.same_secret(rejected)) {
                 return Some(token);
             }
             let found = self.file.refresh(rejected).await?;
             // Another caller may have published something newer meanwhile.
-            match self.shared.current() {
+            match self.current() {
                 Some(now) if !now.same_secret(rejected) => Some(now),
                 _ => {
                     self.shared.publish(found.clone());
