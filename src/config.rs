@@ -267,6 +267,37 @@ impl ConfigError {
     pub fn var(name: &str, problem: impl std::fmt::Display) -> Self {
         Self(format!("{name}: {problem}"))
     }
+
+    /// A value clap refused (a number that is not one, an unknown choice), named by its
+    /// environment variable as every other configuration error is: clap's own message names
+    /// only the flag. `None` for help, version and other command-line errors, which clap
+    /// reports itself.
+    pub fn from_clap(err: &clap::Error) -> Option<Self> {
+        use clap::CommandFactory;
+        use clap::error::{ContextKind, ContextValue};
+
+        let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+            return None;
+        };
+        // "--pat-token-lifetime <SECONDS>"
+        let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+        let command = Cli::command();
+        let variable = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))?
+            .get_env()?
+            .to_string_lossy()
+            .into_owned();
+        // clap's message up to its "For more information" paragraph, on one line.
+        let rendered = err.to_string();
+        let problem = rendered
+            .lines()
+            .take_while(|line| !line.trim().is_empty())
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join(" ");
+        Some(Self::var(&variable, problem.trim_start_matches("error: ")))
+    }
 }
 
 impl Config {
@@ -735,6 +766,47 @@ mod tests {
                 }
                 (Ok(_), Err(_)) => panic!("{}: expected an error", case.name),
                 (Err(err), Ok(_)) => panic!("{}: unexpected error {err}", case.name),
+            }
+        }
+    }
+
+    #[test]
+    fn values_clap_refuses_name_their_variable() {
+        let cases: &[(&[&str], Option<&[&str]>)] = &[
+            (
+                &["--pat-token-lifetime", "abc"],
+                Some(&["PAT_TOKEN_LIFETIME: ", "'abc'"]),
+            ),
+            (
+                &["--proxy-upstream-timeout", "soon"],
+                Some(&["PROXY_UPSTREAM_TIMEOUT: "]),
+            ),
+            (&["--proxy-max-body=-1"], Some(&["PROXY_MAX_BODY: "])),
+            (
+                &["--pat-idle-policy", "sometimes"],
+                Some(&["PAT_IDLE_POLICY: ", "keepalive, lapse"]),
+            ),
+            (
+                &["--pat-revoke-bootstrap", "maybe"],
+                Some(&["PAT_REVOKE_BOOTSTRAP: ", "expected 1 or 0"]),
+            ),
+            // Not a value: clap's own report.
+            (&["--no-such-flag"], None),
+            (&["--help"], None),
+        ];
+        for (args, want) in cases {
+            let argv = std::iter::once("fresh-proxy").chain(args.iter().copied());
+            let err = Cli::try_parse_from(argv).expect_err("refused");
+            let got = ConfigError::from_clap(&err).map(|e| e.to_string());
+            match (got, want) {
+                (Some(message), Some(needles)) => {
+                    assert!(!message.contains('\n'), "one line: {message:?}");
+                    for needle in *needles {
+                        assert!(message.contains(needle), "{args:?}: {message:?}");
+                    }
+                }
+                (None, None) => {}
+                (got, _) => panic!("{args:?}: {got:?}"),
             }
         }
     }

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use fresh_proxy::config::{Cli, Config, LogFormat, Secrets};
+use fresh_proxy::config::{Cli, Config, ConfigError, LogFormat, Secrets};
 use fresh_proxy::tokens::TokenSetup;
 use fresh_proxy::{AppState, ProxySettings, app, server};
 use tokio_util::sync::CancellationToken;
@@ -17,7 +17,16 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => match ConfigError::from_clap(&err) {
+            Some(err) => {
+                eprintln!("fresh-proxy: invalid configuration: {err}");
+                return ExitCode::from(2);
+            }
+            None => err.exit(),
+        },
+    };
     let config = match Config::load(&cli, &Secrets::from_env(), std::env::home_dir()) {
         Ok(config) => config,
         Err(err) => {

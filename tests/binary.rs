@@ -45,6 +45,11 @@ fn broken_configuration_exits_with_2_and_names_the_variable() {
             &["DATABRICKS_TOKEN"],
         ),
         (&[("PAT_IDLE_POLICY", "sometimes")], &["PAT_IDLE_POLICY"]),
+        (&[("PAT_TOKEN_LIFETIME", "abc")], &["PAT_TOKEN_LIFETIME"]),
+        (
+            &[("PROXY_UPSTREAM_TIMEOUT", "soon")],
+            &["PROXY_UPSTREAM_TIMEOUT"],
+        ),
         (
             &[
                 ("DATABRICKS_CONFIG_FILE", "/nonexistent/cfg"),
