@@ -455,7 +455,7 @@ fn token_mode(
         None => profile.client_secret.clone(),
     };
     match (cli.pat_rotation, pat_available) {
-        (Some(Switch::Off), _) => Ok(TokenMode::Follow { env_token }),
+        (Some(Switch::Off), true) => Ok(TokenMode::Follow { env_token }),
         (_, true) => Ok(TokenMode::Rotate { env_token }),
         (Some(Switch::On), false) => Err(ConfigError::var(
             "PAT_ROTATION",
@@ -464,7 +464,8 @@ fn token_mode(
                 config_file.display()
             ),
         )),
-        (None, false) => match (client_id, client_secret) {
+        // No PAT: OAuth if configured (with `PAT_ROTATION=off` too: it rotates no PAT).
+        (None | Some(Switch::Off), false) => match (client_id, client_secret) {
             (Some(client_id), Some(client_secret)) => Ok(TokenMode::OAuth {
                 client_id,
                 client_secret,
@@ -700,6 +701,35 @@ mod tests {
                 token: None,
                 client_secret: None,
                 expect: Ok(|c| assert!(matches!(c.token_mode, TokenMode::Follow { .. }))),
+            },
+            Case {
+                name: "follower mode without a token to follow",
+                file: Some("[DEFAULT]\nhost = https://h\n"),
+                args: &["--pat-rotation", "off"],
+                token: None,
+                client_secret: None,
+                expect: Err(&["no token", ".databrickscfg", "DATABRICKS_TOKEN"]),
+            },
+            Case {
+                name: "follower mode with only the environment's token",
+                file: Some("[DEFAULT]\nhost = https://h\n"),
+                args: &["--pat-rotation", "off"],
+                token: Some("dapi-env"),
+                client_secret: None,
+                expect: Ok(|c| {
+                    assert!(matches!(
+                        &c.token_mode,
+                        TokenMode::Follow { env_token: Some(_) }
+                    ))
+                }),
+            },
+            Case {
+                name: "follower mode without a PAT takes OAuth",
+                file: Some("[DEFAULT]\nhost = https://h\n"),
+                args: &["--pat-rotation", "off", "--databricks-client-id", "sp-1"],
+                token: None,
+                client_secret: Some("secret-1"),
+                expect: Ok(|c| assert!(matches!(&c.token_mode, TokenMode::OAuth { .. }))),
             },
             Case {
                 name: "oauth when no PAT",
