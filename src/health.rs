@@ -14,10 +14,13 @@ use crate::status::{TokenState, TokenStatus};
 
 /// The token's status as it is now: the published snapshot, with presence and expiry taken
 /// from the token the proxy would inject.
-fn token_status(app: &AppState) -> TokenStatus {
+fn token_status(app: &AppState, now: SystemTime) -> TokenStatus {
     let mut status = (*app.status.get()).clone();
     let token = app.source.current();
-    status.present = token.is_some();
+    // A source hands out nothing once it knows its token expired (the proxy answers 503); the
+    // status still knows that token, so it is reported expired rather than missing.
+    let held_expired = status.present && status.expires_at.is_some_and(|at| at <= now);
+    status.present = token.is_some() || held_expired;
     if status.expires_at.is_none() {
         status.expires_at = token.and_then(|t| t.expires_at());
     }
@@ -31,7 +34,7 @@ fn rfc3339(at: Option<SystemTime>) -> Option<String> {
 /// `GET /health`: always 200 while the process runs; never a token value.
 pub(crate) async fn health(State(app): State<AppState>) -> Json<serde_json::Value> {
     let now = SystemTime::now();
-    let status = token_status(&app);
+    let status = token_status(&app, now);
     let state = status.state_at(now);
     let overall = match state {
         TokenState::Fresh | TokenState::Expiring => "ok",
@@ -54,7 +57,7 @@ pub(crate) async fn health(State(app): State<AppState>) -> Json<serde_json::Valu
 /// `GET /ready`: 200 while a usable, unexpired token is held, else 503 with a reason.
 pub(crate) async fn ready(State(app): State<AppState>) -> Response {
     let now = SystemTime::now();
-    let status = token_status(&app);
+    let status = token_status(&app, now);
     let reason = match status.state_at(now) {
         TokenState::Fresh | TokenState::Expiring => {
             return Json(json!({ "status": "ready" })).into_response();
@@ -71,8 +74,9 @@ pub(crate) async fn ready(State(app): State<AppState>) -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 pub(crate) async fn metrics(State(app): State<AppState>) -> Response {
-    let status = token_status(&app);
-    let text = app.metrics.render(status.expires_in_s(SystemTime::now()));
+    let now = SystemTime::now();
+    let status = token_status(&app, now);
+    let text = app.metrics.render(status.expires_in_s(now));
     (
         [(
             CONTENT_TYPE,

@@ -5,11 +5,13 @@ mod common;
 use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::fake_workspace::{Behaviour, FakeWorkspace};
 use common::logs::{capture_logs, logs};
 use common::{http_client, wait_until};
+use fresh_proxy::AppState;
 use fresh_proxy::metrics::Metrics;
 use fresh_proxy::rotator::state::{self, SavedState};
 use fresh_proxy::rotator::{IdlePolicy, Rotator, RotatorConfig, RotatorSource, parse_sinks};
@@ -627,6 +629,42 @@ async fn lapse_lets_an_idle_token_expire_and_resumes_from_the_config_file() {
         rotator.source.current().is_none(),
         "the expired token is not handed to the proxy"
     );
+    // The proxy in front of it says so, and answers 503 rather than send the dead token.
+    let proxy = common::harness::serve(AppState::with_parts(
+        common::harness::settings(&setup.workspace.serving_base()),
+        Arc::new(rotator.source.clone()),
+        http_client(),
+        rotator.status.clone(),
+        rotator.metrics.clone(),
+        rotator.activity.clone(),
+    ))
+    .await;
+    let client = http_client();
+    let get = |path: &'static str| {
+        let request = client.get(format!("{}{path}", proxy.url())).send();
+        async move {
+            let res = request.await.unwrap();
+            let status = res.status().as_u16();
+            let body: serde_json::Value = serde_json::from_str(&res.text().await.unwrap()).unwrap();
+            (status, body)
+        }
+    };
+    let (_, health) = get("/health").await;
+    assert_eq!(health["token"]["state"], "expired", "{health}");
+    let (status, ready) = get("/ready").await;
+    assert_eq!(
+        (status, &ready["reason"]),
+        (503, &"the token has expired".into())
+    );
+    let res = client
+        .post(format!("{}/chat/invocations", proxy.url()))
+        .header("content-type", "application/json")
+        .body(r#"{"messages":[{"role":"user","content":"hi"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert!(res.text().await.unwrap().contains("token_unavailable"));
 
     // A person puts a new token in the config file: rotation resumes with it.
     let fresh = setup.workspace.mint(Duration::from_secs(60));
