@@ -48,6 +48,12 @@ use crate::status::{SourceKind, StatusCell};
 /// How long one token request may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// After a fetch made because upstream rejected a token, no other such fetch for this long. If
+/// the token just fetched is rejected too, the cause is not its age (a 403 for a permission,
+/// say), and a fetch per rejected request would only load the identity provider; if that fetch
+/// failed, the background task retries with backoff.
+pub const REJECTION_FETCH_INTERVAL: Duration = Duration::from_secs(30);
+
 /// The longest lead: a token is refreshed at the latest this long before it expires.
 pub const MAX_REFRESH_LEAD: Duration = Duration::from_secs(20 * 60);
 
@@ -88,8 +94,9 @@ struct Inner {
     shared: SharedToken,
     status: StatusCell,
     metrics: Metrics,
-    /// Concurrent fetches wait here and then reuse the one that finished.
-    fetching: tokio::sync::Mutex<()>,
+    /// Concurrent fetches wait here and then reuse the one that finished. Holds when the last
+    /// fetch for a rejected token started.
+    fetching: tokio::sync::Mutex<Option<Instant>>,
     /// When the current token is due for refresh; `None` before the first fetch.
     schedule: Mutex<Option<Lifetime>>,
     /// Wakes [`OAuthSource::run`] after a fetch made on the request path.
@@ -149,7 +156,7 @@ impl OAuthSource {
                 shared: SharedToken::new(),
                 status,
                 metrics,
-                fetching: tokio::sync::Mutex::new(()),
+                fetching: tokio::sync::Mutex::new(None),
                 schedule: Mutex::new(None),
                 fetched: Notify::new(),
             }),
@@ -324,13 +331,18 @@ impl TokenSource for OAuthSource {
         self.inner.current()
     }
 
-    /// One shared fetch: callers that arrive while a fetch runs get its result.
+    /// One shared fetch: callers that arrive while a fetch runs get its result. At most one
+    /// fetch per [`REJECTION_FETCH_INTERVAL`]: within it, a rejected token gets no other.
     fn refresh<'a>(&'a self, rejected: &'a Token) -> RefreshFuture<'a> {
         Box::pin(async move {
-            let _guard = self.inner.fetching.lock().await;
+            let mut last_fetch = self.inner.fetching.lock().await;
             if let Some(token) = self.inner.current().filter(|t| !t.same_secret(rejected)) {
                 return Some(token);
             }
+            if last_fetch.is_some_and(|at| at.elapsed() < REJECTION_FETCH_INTERVAL) {
+                return None;
+            }
+            *last_fetch = Some(Instant::now());
             match self.inner.fetch().await {
                 Ok(token) => {
                     self.inner.fetched.notify_one();

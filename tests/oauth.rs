@@ -137,6 +137,41 @@ async fn many_requests_share_one_fetched_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_a_new_token_does_not_cure_fetch_once_per_interval() {
+    let setup = Setup::start(Duration::from_secs(600), CLIENT_SECRET).await;
+    setup.spawn();
+    let first = setup.first_token().await;
+    // Rejected: one new token.
+    let fresh = setup.source.refresh(&first).await.expect("a new token");
+    assert!(!fresh.same_secret(&first));
+    assert_eq!(setup.workspace.stats().oauth_issued, 2);
+    // The new token is rejected too (a 403 for a permission, say): no fetch per request.
+    for _ in 0..10 {
+        assert!(setup.source.refresh(&fresh).await.is_none());
+    }
+    assert_eq!(setup.workspace.stats().oauth_issued, 2);
+    assert!(setup.source.current().unwrap().same_secret(&fresh));
+    setup.cancel.cancel();
+
+    // The identity provider fails: requests rejected meanwhile do not each wait for a fetch.
+    let setup = Setup::start(Duration::from_secs(600), CLIENT_SECRET).await;
+    setup.workspace.fail_next_oauth(1_000, 503);
+    let rejected = Token::new("eyJ-rejected").unwrap();
+    assert!(setup.source.refresh(&rejected).await.is_none());
+    let refreshes: Vec<_> = (0..8)
+        .map(|_| {
+            let (source, rejected) = (setup.source.clone(), rejected.clone());
+            tokio::spawn(async move { source.refresh(&rejected).await })
+        })
+        .collect();
+    for refresh in refreshes {
+        assert!(refresh.await.unwrap().is_none());
+    }
+    assert_eq!(setup.workspace.stats().oauth_refused, 1);
+    assert_no_secret_in_logs(&[first, fresh]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_refresh_keeps_the_current_token() {
     // A 4 s token is refreshed once 2 s remain; three failures are retried within that time.
     let setup = Setup::start(Duration::from_secs(4), CLIENT_SECRET).await;
