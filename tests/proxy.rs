@@ -820,6 +820,70 @@ async fn gzip_from_upstream_is_decoded_so_the_stream_can_be_fixed() {
     assert!(text.contains("\"finish_reason\":\"tool_calls\""), "{text}");
 }
 
+/// An upstream answering a 17 MiB JSON document in chunks, without `Content-Length`: plain at
+/// `/serving-endpoints/plain/...`, gzipped at `/serving-endpoints/gzip/...`.
+async fn large_json_upstream(document: Bytes) -> String {
+    use axum::body::Body;
+    use axum::response::IntoResponse;
+    use tower_http::compression::CompressionLayer;
+    use tower_http::compression::predicate::SizeAbove;
+    let chunked = move || {
+        let document = document.clone();
+        async move {
+            let chunks: Vec<Result<Bytes, std::io::Error>> = (0..document.len())
+                .step_by(64 * 1024)
+                .map(|at| Ok(document.slice(at..(at + 64 * 1024).min(document.len()))))
+                .collect();
+            (
+                [("content-type", "application/json")],
+                Body::from_stream(futures_util::stream::iter(chunks)),
+            )
+                .into_response()
+        }
+    };
+    let gzip = axum::Router::new().fallback(chunked.clone()).layer(
+        CompressionLayer::new()
+            .gzip(true)
+            .compress_when(SizeAbove::new(0)),
+    );
+    let app = axum::Router::new()
+        .nest("/serving-endpoints/gzip", gzip)
+        .fallback(chunked);
+    serve_upstream(app).await
+}
+
+#[tokio::test]
+async fn json_answers_too_large_to_fix_stream_through_unchanged() {
+    let mut document = b"{\"object\":\"list\",\"data\":\"".to_vec();
+    document.resize(document.len() + 17 * 1024 * 1024, b'x');
+    document.extend_from_slice(b"\"}");
+    let document = Bytes::from(document);
+    let base = large_json_upstream(document.clone()).await;
+    let base = base.trim_end_matches("/serving-endpoints").to_owned();
+    for path in [
+        "/serving-endpoints/plain/invocations",
+        "/serving-endpoints/gzip/invocations",
+    ] {
+        let proxy = serve_with(
+            settings(&format!("{base}/serving-endpoints")),
+            shared("dapi-unused"),
+        )
+        .await;
+        let target = path.trim_start_matches("/serving-endpoints");
+        let res = http_client()
+            .post(format!("{}{target}", proxy.url()))
+            .header("accept-encoding", "gzip")
+            .json_body(&json!({"input": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        let body = res.bytes().await.expect("the whole body");
+        assert_eq!(body.len(), document.len(), "{path}");
+        assert!(body == document, "{path}: the body changed");
+    }
+}
+
 #[tokio::test]
 async fn a_burst_of_connections_waits_in_the_listen_backlog() {
     let listener = fresh_proxy::listen("127.0.0.1:0".parse().unwrap()).unwrap();

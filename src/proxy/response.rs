@@ -19,6 +19,16 @@ use crate::metrics::Metrics;
 /// JSON bodies up to this size are read whole and fixed; larger ones stream through unchanged.
 const MAX_FIXED_JSON: usize = 16 * 1024 * 1024;
 
+type UpstreamStream = BoxStream<'static, reqwest::Result<Bytes>>;
+
+/// An upstream JSON body as [`read_json`] found it.
+enum JsonBody {
+    /// Read whole.
+    Whole(Bytes),
+    /// Past [`MAX_FIXED_JSON`]: what was read, and the rest still to come.
+    TooLarge(Bytes, UpstreamStream),
+}
+
 /// Turn the upstream response into the client's.
 pub(super) async fn relay(
     upstream: reqwest::Response,
@@ -48,15 +58,25 @@ pub(super) async fn relay(
             .content_length()
             .is_none_or(|n| n as usize <= MAX_FIXED_JSON)
     {
-        let bytes = read_json(upstream, read_timeout).await?;
-        let (fixed, report) = filter::fix_response_bytes(&bytes, &tools);
-        record(metrics, &report);
-        match fixed {
-            Some(fixed) => {
-                headers.insert(CONTENT_LENGTH, HeaderValue::from(fixed.len()));
-                Body::from(fixed)
+        match read_json(upstream, read_timeout).await? {
+            JsonBody::Whole(bytes) => {
+                let (fixed, report) = filter::fix_response_bytes(&bytes, &tools);
+                record(metrics, &report);
+                match fixed {
+                    Some(fixed) => {
+                        headers.insert(CONTENT_LENGTH, HeaderValue::from(fixed.len()));
+                        Body::from(fixed)
+                    }
+                    None => Body::from(bytes),
+                }
             }
-            None => Body::from(bytes),
+            JsonBody::TooLarge(head, rest) => {
+                tracing::debug!(
+                    limit = MAX_FIXED_JSON,
+                    "upstream JSON body too large to fix; streamed through unchanged"
+                );
+                Body::from_stream(stream::once(async { Ok(head) }).chain(rest))
+            }
         }
     } else {
         Body::from_stream(upstream.bytes_stream())
@@ -67,13 +87,15 @@ pub(super) async fn relay(
     Ok(res)
 }
 
+/// Reads a JSON body whole, up to [`MAX_FIXED_JSON`] (a body of unknown length may be
+/// larger: then what was read goes out ahead of the rest, unchanged).
 async fn read_json(
     upstream: reqwest::Response,
     read_timeout: Duration,
-) -> Result<Bytes, ProxyError> {
+) -> Result<JsonBody, ProxyError> {
     let read = async {
         let mut body = Vec::new();
-        let mut chunks = upstream.bytes_stream();
+        let mut chunks = upstream.bytes_stream().boxed();
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|err| {
                 tracing::warn!(error = %describe_error(&err), "upstream body broke off");
@@ -81,14 +103,10 @@ async fn read_json(
             })?;
             body.extend_from_slice(&chunk);
             if body.len() > MAX_FIXED_JSON {
-                tracing::warn!(
-                    limit = MAX_FIXED_JSON,
-                    "upstream JSON body too large to fix"
-                );
-                return Err(ProxyError::UpstreamUnreachable);
+                return Ok(JsonBody::TooLarge(Bytes::from(body), chunks));
             }
         }
-        Ok(Bytes::from(body))
+        Ok(JsonBody::Whole(Bytes::from(body)))
     };
     tokio::time::timeout(read_timeout, read)
         .await
@@ -102,7 +120,7 @@ fn record(metrics: &Metrics, report: &FilterReport) {
 }
 
 struct SseState {
-    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    upstream: UpstreamStream,
     rewriter: SseRewriter,
     metrics: Metrics,
 }
@@ -143,11 +161,7 @@ fn complete_events_len(out: &[u8]) -> usize {
 
 /// The SSE body: events that need no change go out as soon as they are complete; nothing
 /// follows `[DONE]`; an upstream failure ends the stream with an `error` event.
-fn sse_body(
-    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
-    tools: ToolContext,
-    metrics: Metrics,
-) -> Body {
+fn sse_body(upstream: UpstreamStream, tools: ToolContext, metrics: Metrics) -> Body {
     let state = SseState {
         upstream,
         rewriter: SseRewriter::new(tools, SseLimits::default()),
