@@ -42,7 +42,7 @@ pub struct Cli {
     /// Largest request body in bytes; larger bodies get 413
     #[arg(long, env = "PROXY_MAX_BODY", default_value_t = 32 * 1024 * 1024, value_name = "BYTES")]
     pub proxy_max_body: usize,
-    /// Seconds to wait for upstream response headers (streams may run longer)
+    /// Seconds to wait for upstream response headers, and the longest silence within a streamed answer (streams may run longer)
     #[arg(
         long,
         env = "PROXY_UPSTREAM_TIMEOUT",

@@ -777,6 +777,68 @@ async fn a_broken_upstream_stream_ends_with_an_error_event_not_a_corrupt_stream(
     );
 }
 
+/// An upstream that sends the start of its answer, then nothing, keeping the connection open:
+/// an SSE event at `/serving-endpoints/sse/...`, some plain text anywhere else.
+async fn stalling_upstream() -> String {
+    use axum::body::Body;
+    use axum::response::IntoResponse;
+    let stall = |content_type: &'static str, first: &'static [u8]| {
+        move || async move {
+            let body =
+                futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(first))])
+                    .chain(futures_util::stream::pending());
+            ([("content-type", content_type)], Body::from_stream(body)).into_response()
+        }
+    };
+    use futures_util::StreamExt;
+    let sse = axum::Router::new().fallback(stall(
+        "text/event-stream",
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n",
+    ));
+    let app = axum::Router::new()
+        .nest("/serving-endpoints/sse", sse)
+        .fallback(stall("text/plain", b"partial"));
+    serve_upstream(app).await
+}
+
+#[tokio::test]
+async fn a_stream_that_goes_silent_ends_instead_of_hanging() {
+    let base = stalling_upstream().await;
+    let mut settings = settings(&base);
+    settings.upstream_timeout = Duration::from_secs(1);
+    let proxy = serve_with(settings, shared("dapi-unused")).await;
+
+    let res = http_client()
+        .post(format!("{}/sse/invocations", proxy.url()))
+        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let raw = tokio::time::timeout(Duration::from_secs(10), res.text())
+        .await
+        .expect("the stream must end, not hang")
+        .expect("the stream must end cleanly");
+    let events: Vec<&str> = raw.split("\n\n").filter(|e| !e.trim().is_empty()).collect();
+    assert_eq!(events.len(), 2, "{raw:?}");
+    assert!(events[0].contains("\"a\""), "{raw:?}");
+    let error: Value =
+        serde_json::from_str(events[1].trim_start_matches("event: error\ndata: ")).unwrap();
+    assert_eq!(error["error"]["type"], "upstream_timeout", "{raw:?}");
+
+    // A body passed through as it is: the client's connection is cut, not held.
+    let res = http_client()
+        .get(format!("{}/plain/invocations", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let read = tokio::time::timeout(Duration::from_secs(10), res.bytes())
+        .await
+        .expect("the body must end, not hang");
+    assert!(read.is_err(), "a stalled body must not look complete");
+}
+
 /// An upstream that gzips everything it answers, event streams included.
 async fn gzipping_upstream() -> String {
     use axum::body::Body;

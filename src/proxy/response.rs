@@ -19,7 +19,35 @@ use crate::metrics::Metrics;
 /// JSON bodies up to this size are read whole and fixed; larger ones stream through unchanged.
 const MAX_FIXED_JSON: usize = 16 * 1024 * 1024;
 
-type UpstreamStream = BoxStream<'static, reqwest::Result<Bytes>>;
+type UpstreamStream = BoxStream<'static, Result<Bytes, BodyError>>;
+
+/// Why the upstream body ended early.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    /// The connection or the body's encoding failed.
+    #[error("{}", describe_error(.0))]
+    Broke(reqwest::Error),
+    /// Nothing arrived for this long.
+    #[error("nothing arrived for {} s", .0.as_secs())]
+    Stalled(Duration),
+}
+
+/// The upstream body, ended with [`BodyError::Stalled`] when nothing arrives for `idle`: a
+/// stream may run for hours, but one that has gone silent for that long is dead, and holding
+/// it would hold the agent (and a shutdown) with it.
+fn body_stream(upstream: reqwest::Response, idle: Duration) -> UpstreamStream {
+    let chunks = upstream.bytes_stream().boxed();
+    stream::unfold(Some(chunks), move |chunks| async move {
+        let mut chunks = chunks?;
+        match tokio::time::timeout(idle, chunks.next()).await {
+            Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(chunks))),
+            Ok(Some(Err(err))) => Some((Err(BodyError::Broke(err)), None)),
+            Ok(None) => None,
+            Err(_) => Some((Err(BodyError::Stalled(idle)), None)),
+        }
+    })
+    .boxed()
+}
 
 /// An upstream JSON body as [`read_json`] found it.
 enum JsonBody {
@@ -29,7 +57,8 @@ enum JsonBody {
     TooLarge(Bytes, UpstreamStream),
 }
 
-/// Turn the upstream response into the client's.
+/// Turn the upstream response into the client's. `read_timeout` bounds reading a JSON body
+/// whole, and any silence in a streamed one.
 pub(super) async fn relay(
     upstream: reqwest::Response,
     tools: ToolContext,
@@ -52,7 +81,7 @@ pub(super) async fn relay(
 
     let body = if content_type == "text/event-stream" {
         headers.remove(CONTENT_LENGTH);
-        sse_body(upstream.bytes_stream().boxed(), tools, metrics.clone())
+        sse_body(body_stream(upstream, read_timeout), tools, metrics.clone())
     } else if content_type == "application/json"
         && upstream
             .content_length()
@@ -75,11 +104,15 @@ pub(super) async fn relay(
                     limit = MAX_FIXED_JSON,
                     "upstream JSON body too large to fix; streamed through unchanged"
                 );
-                Body::from_stream(stream::once(async { Ok(head) }).chain(rest))
+                Body::from_stream(
+                    stream::once(async { Ok(head) })
+                        .chain(rest)
+                        .inspect(log_body_error),
+                )
             }
         }
     } else {
-        Body::from_stream(upstream.bytes_stream())
+        Body::from_stream(body_stream(upstream, read_timeout).inspect(log_body_error))
     };
     let mut res = Response::new(body);
     *res.status_mut() = status;
@@ -95,10 +128,10 @@ async fn read_json(
 ) -> Result<JsonBody, ProxyError> {
     let read = async {
         let mut body = Vec::new();
-        let mut chunks = upstream.bytes_stream().boxed();
+        let mut chunks = body_stream(upstream, read_timeout);
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|err| {
-                tracing::warn!(error = %describe_error(&err), "upstream body broke off");
+                tracing::warn!(error = %err, "upstream body broke off");
                 ProxyError::UpstreamUnreachable
             })?;
             body.extend_from_slice(&chunk);
@@ -111,6 +144,14 @@ async fn read_json(
     tokio::time::timeout(read_timeout, read)
         .await
         .map_err(|_| ProxyError::UpstreamTimeout)?
+}
+
+/// A body streamed through as it is can only end early by cutting the client's connection; the
+/// log says why.
+fn log_body_error(item: &Result<Bytes, BodyError>) {
+    if let Err(err) = item {
+        tracing::warn!(error = %err, "upstream body ended early; the client's connection is cut");
+    }
 }
 
 fn record(metrics: &Metrics, report: &FilterReport) {
@@ -127,19 +168,20 @@ struct SseState {
 
 impl SseState {
     /// End of stream (clean or not): flush what the rewriter holds and count its changes.
-    fn finish(mut self, error: Option<&reqwest::Error>) -> Vec<u8> {
+    fn finish(mut self, error: Option<&BodyError>) -> Vec<u8> {
         let mut out = Vec::new();
         self.rewriter.finish(&mut out);
         record(&self.metrics, self.rewriter.report());
         if let Some(err) = error {
-            tracing::warn!(error = %describe_error(err), "upstream stream broke off");
+            tracing::warn!(error = %err, "upstream stream broke off");
             // An event cut off by the failure must not be completed by the error event that
             // follows: drop it.
             out.truncate(complete_events_len(&out));
             // The client gets a well-formed event saying why, then a clean end of stream.
-            out.extend_from_slice(
-                b"event: error\ndata: {\"error\":{\"type\":\"upstream_unreachable\",\"message\":\"the upstream stream broke off\"}}\n\n",
-            );
+            out.extend_from_slice(match err {
+                BodyError::Broke(_) => b"event: error\ndata: {\"error\":{\"type\":\"upstream_unreachable\",\"message\":\"the upstream stream broke off\"}}\n\n",
+                BodyError::Stalled(_) => b"event: error\ndata: {\"error\":{\"type\":\"upstream_timeout\",\"message\":\"the upstream stream sent nothing for PROXY_UPSTREAM_TIMEOUT\"}}\n\n",
+            });
         }
         out
     }
