@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use futures_util::stream::{self, BoxStream, StreamExt};
+use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use http::HeaderValue;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 
@@ -36,12 +36,19 @@ enum BodyError {
 /// stream may run for hours, but one that has gone silent for that long is dead, and holding
 /// it would hold the agent (and a shutdown) with it.
 fn body_stream(upstream: reqwest::Response, idle: Duration) -> UpstreamStream {
-    let chunks = upstream.bytes_stream().boxed();
+    idle_limited(
+        upstream.bytes_stream().map_err(BodyError::Broke).boxed(),
+        idle,
+    )
+}
+
+/// `chunks`, ended with [`BodyError::Stalled`] when nothing arrives for `idle`.
+fn idle_limited(chunks: UpstreamStream, idle: Duration) -> UpstreamStream {
     stream::unfold(Some(chunks), move |chunks| async move {
         let mut chunks = chunks?;
         match tokio::time::timeout(idle, chunks.next()).await {
             Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(chunks))),
-            Ok(Some(Err(err))) => Some((Err(BodyError::Broke(err)), None)),
+            Ok(Some(Err(err))) => Some((Err(err), None)),
             Ok(None) => None,
             Err(_) => Some((Err(BodyError::Stalled(idle)), None)),
         }
@@ -106,7 +113,7 @@ pub(super) async fn relay(
                 );
                 Body::from_stream(
                     stream::once(async { Ok(head) })
-                        .chain(rest)
+                        .chain(idle_limited(rest, read_timeout))
                         .inspect(log_body_error),
                 )
             }
@@ -128,7 +135,8 @@ async fn read_json(
 ) -> Result<JsonBody, ProxyError> {
     let read = async {
         let mut body = Vec::new();
-        let mut chunks = body_stream(upstream, read_timeout);
+        // The whole read has a time limit (below); past 16 MiB, the rest gets the idle one.
+        let mut chunks = upstream.bytes_stream().map_err(BodyError::Broke).boxed();
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|err| {
                 tracing::warn!(error = %err, "upstream body broke off");
