@@ -111,6 +111,9 @@ pub struct Cli {
     /// Log line format
     #[arg(long, env = "PROXY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Log filter, in tracing's `EnvFilter` syntax
+    #[arg(long, env = "RUST_LOG", default_value = "info", value_name = "FILTER")]
+    pub rust_log: String,
 }
 
 /// `on` / `off`.

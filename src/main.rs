@@ -34,7 +34,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(config.log_format);
+    let filter = match EnvFilter::try_new(&cli.rust_log) {
+        Ok(filter) => filter,
+        Err(err) => {
+            eprintln!("fresh-proxy: invalid configuration: RUST_LOG: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(config.log_format, filter);
     // This runtime accepts connections; requests are served by the worker threads of
     // `fresh_proxy::server`, and the token machinery runs on a thread of its own, each with a
     // runtime of its own.
@@ -51,8 +58,7 @@ fn main() -> ExitCode {
     runtime.block_on(serve(config))
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_tracing(format: LogFormat, filter: EnvFilter) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -46,6 +46,7 @@ fn broken_configuration_exits_with_2_and_names_the_variable() {
         ),
         (&[("PAT_IDLE_POLICY", "sometimes")], &["PAT_IDLE_POLICY"]),
         (&[("PAT_TOKEN_LIFETIME", "abc")], &["PAT_TOKEN_LIFETIME"]),
+        (&[("RUST_LOG", "info,hyper=[")], &["RUST_LOG"]),
         (
             &[("PROXY_UPSTREAM_TIMEOUT", "soon")],
             &["PROXY_UPSTREAM_TIMEOUT"],
@@ -104,6 +105,7 @@ fn help_lists_every_variable() {
         "PAT_REVOKE_GRACE",
         "PAT_COMMENT",
         "PAT_SINKS",
+        "RUST_LOG",
     ] {
         assert!(
             help.contains(&format!("[env: {var}=")),

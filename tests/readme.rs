@@ -15,8 +15,8 @@ use fresh_proxy::proxy::ProxyError;
 const RUN_COMMAND: &str = "DATABRICKS_HOST=https://<workspace>.cloud.databricks.com DATABRICKS_TOKEN=<pat> cargo run --release";
 /// The command that tests it, which must be the README's first line starting with `cargo test`.
 const TEST_COMMAND: &str = "cargo test --workspace";
-/// Variables read from the environment only: secrets, and the log filter.
-const ENVIRONMENT_ONLY: [&str; 3] = ["DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET", "RUST_LOG"];
+/// Variables read from the environment only: the secrets.
+const ENVIRONMENT_ONLY: [&str; 2] = ["DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET"];
 /// Variables that hold secrets and so must never have a flag.
 const SECRETS: [&str; 2] = ["DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET"];
 /// The pages in `docs/` that these tests check; the others have their own owners.
