@@ -315,17 +315,29 @@ impl Config {
                 })?,
         };
         let profile_name = cli.databricks_config_profile.trim().to_owned();
-        let profile = match databrickscfg::read_profile(&config_file, &profile_name) {
-            Ok(profile) => Some(profile),
+        // Why there is no profile to take settings from, for the messages that need one.
+        let (profile, absent) = match databrickscfg::read_profile(&config_file, &profile_name) {
+            Ok(profile) => (profile, None),
             Err(ConfigFileError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
-                None
+                let why = format!("{} does not exist", config_file.display());
+                (Profile::default(), Some(why))
             }
-            Err(ConfigFileError::MissingProfile { .. }) => None,
+            Err(ConfigFileError::MissingProfile { .. }) => {
+                let why = format!("{} has no profile [{profile_name}]", config_file.display());
+                (Profile::default(), Some(why))
+            }
             Err(err) => return Err(ConfigError(err.to_string())),
         };
-        let profile = profile.unwrap_or_default();
+        let lacks = |what: &str| {
+            absent.clone().unwrap_or_else(|| {
+                format!(
+                    "profile [{profile_name}] in {} has no {what}",
+                    config_file.display()
+                )
+            })
+        };
 
         let host_text = cli
             .databricks_host
@@ -333,13 +345,7 @@ impl Config {
             .filter(|h| !h.trim().is_empty())
             .or_else(|| profile.host.clone())
             .ok_or_else(|| {
-                ConfigError::var(
-                    "DATABRICKS_HOST",
-                    format!(
-                        "not set, and profile [{profile_name}] in {} has no host",
-                        config_file.display()
-                    ),
-                )
+                ConfigError::var("DATABRICKS_HOST", format!("not set, and {}", lacks("host")))
             })?;
         let host = parse_base_url("DATABRICKS_HOST", &host_text, false)?;
         let upstream_base = match &cli.proxy_upstream_base {
@@ -361,14 +367,7 @@ impl Config {
             .map(Token::new)
             .transpose()
             .map_err(|err| ConfigError::var("DATABRICKS_TOKEN", err))?;
-        let token_mode = token_mode(
-            cli,
-            secrets,
-            &profile,
-            env_token,
-            &config_file,
-            &profile_name,
-        )?;
+        let token_mode = token_mode(cli, secrets, &profile, env_token, &lacks("token"))?;
 
         let lifetime = Duration::from_secs(cli.pat_token_lifetime);
         let interval = Duration::from_secs(cli.pat_rotation_interval);
@@ -442,8 +441,7 @@ fn token_mode(
     secrets: &Secrets,
     profile: &Profile,
     env_token: Option<Token>,
-    config_file: &std::path::Path,
-    profile_name: &str,
+    lacks_token: &str,
 ) -> Result<TokenMode, ConfigError> {
     let pat_available = env_token.is_some() || profile.token.is_some();
     let client_id = cli
@@ -463,8 +461,7 @@ fn token_mode(
         (Some(Switch::On), false) => Err(ConfigError::var(
             "PAT_ROTATION",
             format!(
-                "on, but no PAT to start from: set DATABRICKS_TOKEN or a token in profile [{profile_name}] of {}",
-                config_file.display()
+                "on, but no PAT to start from ({lacks_token}): set DATABRICKS_TOKEN or put a token in the profile"
             ),
         )),
         // No PAT: OAuth if configured (with `PAT_ROTATION=off` too: it rotates no PAT).
@@ -478,8 +475,7 @@ fn token_mode(
                 "not set, but DATABRICKS_CLIENT_ID is",
             )),
             _ => Err(ConfigError(format!(
-                "no token: profile [{profile_name}] in {} has no token, and neither DATABRICKS_TOKEN nor DATABRICKS_CLIENT_ID/DATABRICKS_CLIENT_SECRET is set",
-                config_file.display()
+                "no token: {lacks_token}, and neither DATABRICKS_TOKEN nor DATABRICKS_CLIENT_ID/DATABRICKS_CLIENT_SECRET is set"
             ))),
         },
     }

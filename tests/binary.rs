@@ -30,7 +30,7 @@ fn broken_configuration_exits_with_2_and_names_the_variable() {
         (&[("PROXY_PORT", "not-a-port")], &["PROXY_PORT"]),
         (
             &[("DATABRICKS_CONFIG_PROFILE", "missing")],
-            &["[missing]", ".databrickscfg"],
+            &[".databrickscfg has no profile [missing]"],
         ),
         (
             &[("PROXY_UPSTREAM_BASE", "http://192.0.2.1/serving-endpoints")],
@@ -56,7 +56,11 @@ fn broken_configuration_exits_with_2_and_names_the_variable() {
                 ("DATABRICKS_CONFIG_FILE", "/nonexistent/cfg"),
                 ("DATABRICKS_HOST", "https://h"),
             ],
-            &["no token", "DATABRICKS_TOKEN"],
+            &[
+                "no token",
+                "/nonexistent/cfg does not exist",
+                "DATABRICKS_TOKEN",
+            ],
         ),
     ];
     for (env, needles) in cases {
