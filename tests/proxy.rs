@@ -397,6 +397,35 @@ async fn requests_are_sanitised_before_they_leave() {
 }
 
 #[tokio::test]
+async fn large_requests_are_sanitised_too() {
+    // Above the size from which the filter runs off the worker thread.
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(60));
+    let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
+    let long = "x".repeat(400 * 1024);
+    let request = json!({
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": " "},
+            {"type": "text", "text": long}
+        ]}],
+        "stream_options": {"include_usage": true}
+    });
+    let res = http_client()
+        .post(format!("{}/echo/invocations", proxy.url()))
+        .json_body(&request)
+        .send()
+        .await
+        .unwrap();
+    let echo = json_of(res).await;
+    let forwarded: Value = serde_json::from_str(echo["body_text"].as_str().unwrap()).unwrap();
+    assert!(forwarded.get("stream_options").is_none());
+    assert_eq!(
+        forwarded["messages"][0]["content"],
+        json!([{"type": "text", "text": long}])
+    );
+}
+
+#[tokio::test]
 async fn upstream_down_is_a_502_json_error() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}/serving-endpoints", closed.local_addr().unwrap());

@@ -181,7 +181,8 @@ impl Forwarder {
         if !is_json || bytes.is_empty() {
             return Ok((Outgoing::Buffered(bytes), ToolContext::default()));
         }
-        let outcome = self.sanitizer.sanitize(&bytes);
+        let sanitizer = Arc::clone(&self.sanitizer);
+        let outcome = off_worker_if_large(&bytes, move |body| sanitizer.sanitize(body)).await;
         for (kind, count) in outcome.report.iter() {
             self.metrics.filter_action(kind, count);
         }
@@ -233,6 +234,30 @@ impl Forwarder {
     }
 }
 
+/// Bodies at least this large are filtered on tokio's blocking pool. A worker thread serves
+/// many connections at once; filtering megabytes of JSON on it (a few milliseconds per
+/// megabyte) would hold all of them up meanwhile.
+const OFFLOAD_BYTES: usize = 256 * 1024;
+
+/// `work(body)`, moved off the worker thread onto the blocking pool when `body` is large.
+pub(crate) async fn off_worker_if_large<T: Send + 'static>(
+    body: &Bytes,
+    work: impl FnOnce(&[u8]) -> T + Send + 'static,
+) -> T {
+    if body.len() < OFFLOAD_BYTES {
+        return work(body);
+    }
+    let body = body.clone();
+    match tokio::task::spawn_blocking(move || work(&body)).await {
+        Ok(out) => out,
+        Err(err) => match err.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Cancelled: the runtime is shutting down and drops this request too.
+            Err(_) => std::future::pending().await,
+        },
+    }
+}
+
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(CONTENT_LENGTH)
@@ -275,4 +300,22 @@ fn describe_error(err: &reqwest::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn large_bodies_are_filtered_off_the_worker_thread() {
+        let here = std::thread::current().id();
+        let cases = [(OFFLOAD_BYTES - 1, true), (OFFLOAD_BYTES, false)];
+        for (len, on_this_thread) in cases {
+            let body = Bytes::from(vec![b' '; len]);
+            let (thread, seen) =
+                off_worker_if_large(&body, |body| (std::thread::current().id(), body.len())).await;
+            assert_eq!(seen, len);
+            assert_eq!(thread == here, on_this_thread, "{len} bytes");
+        }
+    }
 }

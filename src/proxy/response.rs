@@ -96,7 +96,10 @@ pub(super) async fn relay(
     {
         match read_json(upstream, read_timeout).await? {
             JsonBody::Whole(bytes) => {
-                let (fixed, report) = filter::fix_response_bytes(&bytes, &tools);
+                let (fixed, report) = super::off_worker_if_large(&bytes, move |body| {
+                    filter::fix_response_bytes(body, &tools)
+                })
+                .await;
                 record(metrics, &report);
                 match fixed {
                     Some(fixed) => {
