@@ -184,7 +184,7 @@ impl SseState {
         self.rewriter.finish(&mut out);
         record(&self.metrics, self.rewriter.report());
         if let Some(err) = error {
-            tracing::warn!(error = %err, "upstream stream broke off");
+            tracing::warn!(error = %err, "upstream stream ended early");
             // An event cut off by the failure must not be completed by the error event that
             // follows: drop it.
             out.truncate(complete_events_len(&out));
