@@ -25,6 +25,19 @@ struct KindLabel {
     kind: &'static str,
 }
 
+/// Every `result` label of `fresh_proxy_rotations_total`.
+pub const ROTATION_RESULTS: [&str; 6] = [
+    "ok",
+    "failed",
+    "refused",
+    "skipped_expired",
+    "oauth_ok",
+    "oauth_failed",
+];
+
+/// Every `class` label of `fresh_proxy_requests_total`.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 /// Every metric the proxy exports. Cheap to clone: all handles are shared.
 #[derive(Clone)]
 pub struct Metrics {
@@ -52,6 +65,19 @@ impl Metrics {
         let rotations = Family::<ResultLabel, Counter>::default();
         let token_expiry = Gauge::<f64, AtomicU64>::default();
         let filter_actions = Family::<KindLabel, Counter>::default();
+        // Every labelled series exists from the start, at 0: a series that appears only with
+        // its first event makes `rate()` and "absent" alerts misread the time before it.
+        for class in STATUS_CLASSES {
+            requests.get_or_create(&ClassLabel { class });
+        }
+        for result in ROTATION_RESULTS {
+            rotations.get_or_create(&ResultLabel { result });
+        }
+        for action in crate::filter::FilterAction::ALL {
+            filter_actions.get_or_create(&KindLabel {
+                kind: action.as_str(),
+            });
+        }
         let mut registry = Registry::with_prefix("fresh_proxy");
         registry.register(
             "requests",
@@ -118,6 +144,10 @@ impl Metrics {
 
     /// Count one rotation attempt by `result` (`ok`, `refused`, `failed`, ...).
     pub fn rotation(&self, result: &'static str) {
+        debug_assert!(
+            ROTATION_RESULTS.contains(&result),
+            "unknown result {result}"
+        );
         self.rotations.get_or_create(&ResultLabel { result }).inc();
     }
 
@@ -149,6 +179,31 @@ impl fmt::Debug for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_labelled_series_is_there_from_the_start() {
+        let text = Metrics::new().render(None);
+        let kinds = crate::filter::FilterAction::ALL.map(|a| a.as_str());
+        let lines = STATUS_CLASSES
+            .iter()
+            .map(|class| format!("fresh_proxy_requests_total{{class=\"{class}\"}} 0"))
+            .chain(
+                ROTATION_RESULTS
+                    .iter()
+                    .map(|result| format!("fresh_proxy_rotations_total{{result=\"{result}\"}} 0")),
+            )
+            .chain(
+                kinds
+                    .iter()
+                    .map(|kind| format!("fresh_proxy_filter_actions_total{{kind=\"{kind}\"}} 0")),
+            );
+        for line in lines {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
 
     #[test]
     fn render_reports_what_was_counted() {
