@@ -68,13 +68,13 @@ impl Metrics {
         // Every labelled series exists from the start, at 0: a series that appears only with
         // its first event makes `rate()` and "absent" alerts misread the time before it.
         for class in STATUS_CLASSES {
-            requests.get_or_create(&ClassLabel { class });
+            requests.get_or_create_owned(&ClassLabel { class });
         }
         for result in ROTATION_RESULTS {
-            rotations.get_or_create(&ResultLabel { result });
+            rotations.get_or_create_owned(&ResultLabel { result });
         }
         for action in crate::filter::FilterAction::ALL {
-            filter_actions.get_or_create(&KindLabel {
+            filter_actions.get_or_create_owned(&KindLabel {
                 kind: action.as_str(),
             });
         }
