@@ -129,7 +129,15 @@ async fn serve(config: Config) -> ExitCode {
             shutdown_signal().await;
             tracing::info!(grace_s = config.shutdown_grace.as_secs(), "shutting down");
             shutdown.cancel();
-            tokio::time::sleep(config.shutdown_grace).await;
+            // A second signal (Ctrl-C twice) does not wait out the grace period.
+            tokio::select! {
+                () = tokio::time::sleep(config.shutdown_grace) => {
+                    tracing::warn!("in-flight requests did not finish before the deadline");
+                }
+                () = shutdown_signal() => {
+                    tracing::warn!("a second signal: stopping without waiting for in-flight requests");
+                }
+            }
         }
     };
     let code = tokio::select! {
@@ -140,10 +148,7 @@ async fn serve(config: Config) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        () = signal => {
-            tracing::warn!("in-flight requests did not finish before the deadline");
-            ExitCode::SUCCESS
-        }
+        () = signal => ExitCode::SUCCESS,
     };
     background.cancel();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), token_machinery).await;

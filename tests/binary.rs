@@ -200,6 +200,60 @@ async fn follower_serves_then_drains_in_flight_streams_on_sigterm() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_without_waiting_out_the_grace_period() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(600));
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join(".databrickscfg"),
+        format!("[DEFAULT]\nhost = {}\ntoken = {}\n", ws.url(), pat.value),
+    )
+    .unwrap();
+    let mut cmd = command(home.path());
+    cmd.env("PAT_ROTATION", "off")
+        .env("PROXY_SHUTDOWN_GRACE", "120");
+    let proxy = tokio::task::spawn_blocking(move || ProxyProcess::start(cmd))
+        .await
+        .unwrap();
+    // A stream that would run for a minute holds the drain.
+    let res = http_client()
+        .post(format!(
+            "{}/slow-stream/invocations?delay_ms=1000&events=60",
+            proxy.url()
+        ))
+        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = SseReader::new(res);
+    assert!(stream.next_data().await.unwrap().contains("part 0"));
+
+    proxy.terminate();
+    common::wait_until(
+        Duration::from_secs(10),
+        "the first signal taken",
+        || async { proxy.logs().contains("shutting down") },
+    )
+    .await;
+    proxy.terminate();
+    let (status, proxy) = tokio::task::spawn_blocking(move || {
+        let mut proxy = proxy;
+        let status = proxy.wait(Duration::from_secs(10));
+        (status, proxy)
+    })
+    .await
+    .unwrap();
+    assert!(
+        status
+            .expect("exited soon after the second signal")
+            .success(),
+        "{}",
+        proxy.logs()
+    );
+    assert!(proxy.logs().contains("a second signal"), "{}", proxy.logs());
+}
+
 trait JsonText {
     async fn json_text(self) -> Value;
 }
