@@ -5,8 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::binary::{ProxyProcess, command};
-use common::fake_workspace::FakeWorkspace;
-use common::{JsonBody, SseReader, http_client};
+use common::fake_workspace::{FakeWorkspace, IssuedToken};
+use common::{JsonBody, http_client, open_slow_stream};
 use serde_json::{Value, json};
 
 #[test]
@@ -126,10 +126,13 @@ fn help_lists_every_variable() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn follower_serves_then_drains_in_flight_streams_on_sigterm() {
-    let ws = FakeWorkspace::start().await;
-    let pat = ws.mint(Duration::from_secs(600));
+/// The binary in follower mode (`PAT_ROTATION=off`) with `env` set, following a config file
+/// that holds `pat` for `ws`; the home directory lives as long as the returned guard.
+async fn start_follower(
+    ws: &FakeWorkspace,
+    pat: &IssuedToken,
+    env: &[(&str, &str)],
+) -> (tempfile::TempDir, ProxyProcess) {
     let home = tempfile::tempdir().unwrap();
     std::fs::write(
         home.path().join(".databrickscfg"),
@@ -137,10 +140,18 @@ async fn follower_serves_then_drains_in_flight_streams_on_sigterm() {
     )
     .unwrap();
     let mut cmd = command(home.path());
-    cmd.env("PAT_ROTATION", "off").env("RUST_LOG", "trace");
-    let mut proxy = tokio::task::spawn_blocking(move || ProxyProcess::start(cmd))
+    cmd.env("PAT_ROTATION", "off").envs(env.iter().copied());
+    let proxy = tokio::task::spawn_blocking(move || ProxyProcess::start(cmd))
         .await
         .unwrap();
+    (home, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_serves_then_drains_in_flight_streams_on_sigterm() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(600));
+    let (_home, mut proxy) = start_follower(&ws, &pat, &[("RUST_LOG", "trace")]).await;
     let client = http_client();
 
     let health: Value = client
@@ -161,17 +172,7 @@ async fn follower_serves_then_drains_in_flight_streams_on_sigterm() {
         .unwrap();
     assert_eq!(res.status(), 200);
 
-    let res = client
-        .post(format!(
-            "{}/slow-stream/invocations?delay_ms=200&events=8",
-            proxy.url()
-        ))
-        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    let mut stream = SseReader::new(res);
-    assert!(stream.next_data().await.unwrap().contains("part 0"));
+    let stream = open_slow_stream(&proxy.url(), 200, 8).await;
     proxy.terminate();
     let rest = stream.collect_data().await;
     assert_eq!(
@@ -204,30 +205,9 @@ async fn follower_serves_then_drains_in_flight_streams_on_sigterm() {
 async fn a_second_signal_stops_without_waiting_out_the_grace_period() {
     let ws = FakeWorkspace::start().await;
     let pat = ws.mint(Duration::from_secs(600));
-    let home = tempfile::tempdir().unwrap();
-    std::fs::write(
-        home.path().join(".databrickscfg"),
-        format!("[DEFAULT]\nhost = {}\ntoken = {}\n", ws.url(), pat.value),
-    )
-    .unwrap();
-    let mut cmd = command(home.path());
-    cmd.env("PAT_ROTATION", "off")
-        .env("PROXY_SHUTDOWN_GRACE", "120");
-    let proxy = tokio::task::spawn_blocking(move || ProxyProcess::start(cmd))
-        .await
-        .unwrap();
+    let (_home, proxy) = start_follower(&ws, &pat, &[("PROXY_SHUTDOWN_GRACE", "120")]).await;
     // A stream that would run for a minute holds the drain.
-    let res = http_client()
-        .post(format!(
-            "{}/slow-stream/invocations?delay_ms=1000&events=60",
-            proxy.url()
-        ))
-        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    let mut stream = SseReader::new(res);
-    assert!(stream.next_data().await.unwrap().contains("part 0"));
+    let _stream = open_slow_stream(&proxy.url(), 1000, 60).await;
 
     proxy.terminate();
     common::wait_until(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use common::fake_workspace::{Behaviour, FakeWorkspace, REDACTED, sha256_hex};
 use common::harness::{serve_with, settings};
-use common::{JsonBody, SseReader, http_client};
+use common::{JsonBody, SseReader, http_client, open_slow_stream};
 use fresh_token::{ConfigFileToken, SharedToken, Token, TokenSource};
 use serde_json::{Value, json};
 
@@ -725,17 +725,7 @@ async fn a_client_disconnect_cancels_the_upstream_stream() {
     let ws = FakeWorkspace::start().await;
     let pat = ws.mint(Duration::from_secs(60));
     let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
-    let res = http_client()
-        .post(format!(
-            "{}/slow-stream/invocations?delay_ms=200&events=100",
-            proxy.url()
-        ))
-        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    let mut stream = SseReader::new(res);
-    assert!(stream.next_data().await.unwrap().contains("part 0"));
+    let stream = open_slow_stream(&proxy.url(), 200, 100).await;
     assert_eq!(ws.streams_abandoned(), 0);
     drop(stream);
     // 100 events × 200 ms would take 20 s; the upstream must see the reader leave long before.
@@ -775,30 +765,47 @@ async fn breaking_upstream() -> String {
     serve_upstream(app).await
 }
 
-#[tokio::test]
-async fn a_broken_upstream_stream_ends_with_an_error_event_not_a_corrupt_stream() {
-    let base = breaking_upstream().await;
-    let proxy = serve_with(settings(&base), shared("dapi-unused")).await;
+/// POSTs a streaming chat request to `url` and reads the answer to its end: a 200 whose body
+/// must end cleanly within 10 s, not hang or abort.
+async fn stream_to_its_end(url: String) -> String {
     let res = http_client()
-        .post(format!("{}/chat/invocations", proxy.url()))
+        .post(url)
         .json_body(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let raw = tokio::time::timeout(Duration::from_secs(10), res.text())
+    tokio::time::timeout(Duration::from_secs(10), res.text())
         .await
         .expect("the stream must end, not hang")
-        .expect("the stream must end cleanly, not abort");
-    let events: Vec<&str> = raw.split("\n\n").filter(|e| !e.trim().is_empty()).collect();
+        .expect("the stream must end cleanly, not abort")
+}
+
+/// The non-empty events of a raw event stream.
+fn raw_events(raw: &str) -> Vec<&str> {
+    raw.split("\n\n").filter(|e| !e.trim().is_empty()).collect()
+}
+
+/// The JSON of an `event: error` event.
+fn error_event(event: &str) -> Value {
+    let data = event
+        .strip_prefix("event: error\ndata: ")
+        .unwrap_or_else(|| panic!("not an error event: {event:?}"));
+    serde_json::from_str(data).unwrap()
+}
+
+#[tokio::test]
+async fn a_broken_upstream_stream_ends_with_an_error_event_not_a_corrupt_stream() {
+    let base = breaking_upstream().await;
+    let proxy = serve_with(settings(&base), shared("dapi-unused")).await;
+    let raw = stream_to_its_end(format!("{}/chat/invocations", proxy.url())).await;
+    let events = raw_events(&raw);
     assert_eq!(events.len(), 3, "{raw:?}");
     assert!(
         events[0].contains("\"a\"") && events[1].contains("\"b\""),
         "{raw:?}"
     );
-    assert!(events[2].starts_with("event: error\ndata: "), "{raw:?}");
-    let error: Value =
-        serde_json::from_str(events[2].trim_start_matches("event: error\ndata: ")).unwrap();
+    let error = error_event(events[2]);
     assert_eq!(error["error"]["type"], "upstream_unreachable");
     assert!(
         !raw.contains("{\"choi\n"),
@@ -837,23 +844,15 @@ async fn a_stream_that_goes_silent_ends_instead_of_hanging() {
     settings.upstream_timeout = Duration::from_secs(1);
     let proxy = serve_with(settings, shared("dapi-unused")).await;
 
-    let res = http_client()
-        .post(format!("{}/sse/invocations", proxy.url()))
-        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let raw = tokio::time::timeout(Duration::from_secs(10), res.text())
-        .await
-        .expect("the stream must end, not hang")
-        .expect("the stream must end cleanly");
-    let events: Vec<&str> = raw.split("\n\n").filter(|e| !e.trim().is_empty()).collect();
+    let raw = stream_to_its_end(format!("{}/sse/invocations", proxy.url())).await;
+    let events = raw_events(&raw);
     assert_eq!(events.len(), 2, "{raw:?}");
     assert!(events[0].contains("\"a\""), "{raw:?}");
-    let error: Value =
-        serde_json::from_str(events[1].trim_start_matches("event: error\ndata: ")).unwrap();
-    assert_eq!(error["error"]["type"], "upstream_timeout", "{raw:?}");
+    assert_eq!(
+        error_event(events[1])["error"]["type"],
+        "upstream_timeout",
+        "{raw:?}"
+    );
 
     // A body passed through as it is: the client's connection is cut, not held.
     let res = http_client()

@@ -60,6 +60,24 @@ where
     }
 }
 
+/// Opens the fake workspace's `slow-stream` (`events` events `delay_ms` apart) through the proxy
+/// at `proxy_url`, and returns it once its first event, "part 0", has arrived.
+pub async fn open_slow_stream(proxy_url: &str, delay_ms: u64, events: u32) -> SseReader {
+    let res = http_client()
+        .post(format!(
+            "{proxy_url}/slow-stream/invocations?delay_ms={delay_ms}&events={events}"
+        ))
+        .json_body(
+            &serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut stream = SseReader::new(res);
+    assert!(stream.next_data().await.unwrap().contains("part 0"));
+    stream
+}
+
 /// Reads a server-sent-event response one event at a time, as the bytes arrive.
 #[derive(Debug)]
 pub struct SseReader {
