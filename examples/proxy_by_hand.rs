@@ -18,7 +18,7 @@ use std::sync::Arc;
 use axum::http::HeaderMap;
 use axum::routing::post;
 use axum::{Json, Router};
-use fresh_proxy::status::SourceKind;
+use fresh_proxy::token::status::SourceKind;
 use fresh_proxy::{AppState, ProxySettings, app};
 use fresh_token::{SharedToken, Token};
 use http::header::AUTHORIZATION;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use fresh_proxy::config::{Cli, Config, ConfigError, LogFormat, Secrets};
-use fresh_proxy::tokens::TokenSetup;
+use fresh_proxy::token::TokenSetup;
 use fresh_proxy::{AppState, ProxySettings, app, server};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;

@@ -23,6 +23,25 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+/// How many connections the kernel holds for the proxy before it accepts them. The standard
+/// library and tokio ask for 128; a burst of agents' streams (or a load test) opening more at
+/// once would then see SYNs dropped and retried a second later. The kernel caps this at
+/// `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`], `SO_REUSEADDR` set as
+/// `TcpListener::bind` sets it. Must be called within a tokio runtime.
+pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// How many worker threads to serve with: one per CPU the process may use (cgroup limits
 /// included), at least one.
 pub fn default_workers() -> NonZeroUsize {

@@ -7,9 +7,9 @@ use std::time::Duration;
 use common::fake_workspace::{Behaviour, FakeWorkspace};
 use common::logs::{capture_logs, logs};
 use common::{http_client, wait_until};
-use fresh_proxy::metrics::Metrics;
-use fresh_proxy::oauth::{OAuthConfig, OAuthSource};
-use fresh_proxy::status::{SourceKind, StatusCell, TokenStatus};
+use fresh_proxy::health::metrics::Metrics;
+use fresh_proxy::token::oauth::{OAuthConfig, OAuthSource};
+use fresh_proxy::token::status::{SourceKind, StatusCell, TokenStatus};
 use fresh_token::{Token, TokenSource};
 use tokio_util::sync::CancellationToken;
 

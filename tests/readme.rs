@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use clap::CommandFactory;
+use fresh_filter::FilterAction;
 use fresh_proxy::config::Cli;
-use fresh_proxy::filter::FilterAction;
-use fresh_proxy::metrics::Metrics;
+use fresh_proxy::health::metrics::Metrics;
 use fresh_proxy::proxy::ProxyError;
 
 /// The command that runs the proxy, exactly as the README gives it.

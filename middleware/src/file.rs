@@ -13,12 +13,6 @@ use crate::databrickscfg;
 use crate::source::{RefreshFuture, TokenSource};
 use crate::token::Token;
 
-/// The default time after which the file is re-read even when its identity looks unchanged.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
-
-/// The default window within which lookups share one `stat` of the file.
-pub const DEFAULT_STAT_INTERVAL: Duration = Duration::from_millis(1);
-
 /// The `token` of one profile of a Databricks config file, kept current as the file changes.
 ///
 /// A lookup costs at most one `stat`: lookups within [`stat_interval`](Self::stat_interval) of
@@ -106,6 +100,12 @@ impl FileIdentity {
 }
 
 impl ConfigFileToken {
+    /// The default time after which the file is re-read even when its identity looks unchanged.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+
+    /// The default window within which lookups share one `stat` of the file.
+    pub const DEFAULT_STAT_INTERVAL: Duration = Duration::from_millis(1);
+
     /// Follow the `token` of `profile` in the file at `path`. Nothing is read until the first
     /// lookup.
     pub fn new(path: impl Into<PathBuf>, profile: impl Into<String>) -> Self {
@@ -123,12 +123,13 @@ impl ConfigFileToken {
                 reload: Mutex::new(()),
                 reads: AtomicU64::new(0),
             }),
-            ttl: DEFAULT_TTL,
-            stat_interval: DEFAULT_STAT_INTERVAL,
+            ttl: Self::DEFAULT_TTL,
+            stat_interval: Self::DEFAULT_STAT_INTERVAL,
         }
     }
 
     /// Re-read the file at least this often even when its identity looks unchanged.
+    #[must_use]
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
@@ -136,6 +137,7 @@ impl ConfigFileToken {
 
     /// Let lookups within `interval` of each other share one `stat` (default 1 ms; zero makes
     /// every lookup `stat` the file).
+    #[must_use]
     pub fn stat_interval(mut self, interval: Duration) -> Self {
         self.stat_interval = interval;
         self
@@ -231,7 +233,7 @@ impl TokenSource for ConfigFileToken {
     /// Re-read the file now, whatever its identity, unless another caller already found a
     /// token other than `rejected`. The read is a small synchronous file read.
     fn refresh<'a>(&'a self, rejected: &'a Token) -> RefreshFuture<'a> {
-        Box::pin(async move {
+        RefreshFuture::new(async move {
             let _reload = self.inner.reload.lock().unwrap_or_else(|e| e.into_inner());
             let cached = self.inner.cache.load_full();
             if let Some(token) = cached.token.as_ref().filter(|t| !t.same_secret(rejected)) {

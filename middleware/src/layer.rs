@@ -70,6 +70,7 @@ pub struct FreshTokenLayer<T> {
 
 impl<T> FreshTokenLayer<T> {
     /// Take tokens from `source`.
+    #[must_use]
     pub fn new(source: T) -> Self {
         Self {
             source,
@@ -78,6 +79,7 @@ impl<T> FreshTokenLayer<T> {
     }
 
     /// What to do when the source has no token (default: [`OnMissingToken::Reject`]).
+    #[must_use]
     pub fn on_missing(mut self, on_missing: OnMissingToken) -> Self {
         self.on_missing = on_missing;
         self
@@ -163,7 +165,9 @@ where
             }
             None if self.on_missing == OnMissingToken::PassThrough => {}
             None => {
-                tracing::warn!("no token available; answering 503");
+                // Per request, so not a warning: the source reports the lapse once, where it
+                // knows why.
+                tracing::debug!("no token available; answering 503");
                 return ResponseFuture::rejected(missing_token_response());
             }
         }

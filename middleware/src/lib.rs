@@ -13,6 +13,11 @@
 //!
 //! [`databrickscfg`] reads and atomically updates the config file shared with the Databricks CLI.
 //!
+//! # Features
+//!
+//! * `config-file` (default): [`ConfigFileToken`] and [`databrickscfg`], with their INI parser
+//!   and atomic writes. Without it the crate is the layer and the in-memory sources only.
+//!
 //! # On a client stack
 //!
 //! The layer works on any `Service<http::Request<B>>`, such as hyper-util's pooled client:
@@ -66,13 +71,16 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "config-file")]
 pub mod databrickscfg;
+#[cfg(feature = "config-file")]
 mod file;
 mod layer;
 mod source;
 mod token;
 
-pub use file::{ConfigFileToken, DEFAULT_STAT_INTERVAL, DEFAULT_TTL};
+#[cfg(feature = "config-file")]
+pub use file::ConfigFileToken;
 pub use layer::{
     FreshToken, FreshTokenLayer, MISSING_TOKEN_BODY, OnMissingToken, ResponseBody, ResponseFuture,
 };

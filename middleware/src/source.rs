@@ -4,13 +4,84 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use arc_swap::ArcSwapOption;
 
 use crate::token::{Token, TokenInner};
 
-/// The future returned by [`TokenSource::refresh`].
-pub type RefreshFuture<'a> = Pin<Box<dyn Future<Output = Option<Token>> + Send + 'a>>;
+/// The future returned by [`TokenSource::refresh`]: a different token worth one retry, or
+/// `None`.
+///
+/// A named type rather than a boxed future in the signature, so that how it is built can change
+/// without breaking implementors. [`RefreshFuture::ready`] costs no allocation.
+///
+/// ```
+/// use fresh_token::{RefreshFuture, Token};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// assert!(RefreshFuture::ready(None).await.is_none());
+/// let token = RefreshFuture::new(async { Token::new("dapi-next").ok() }).await;
+/// assert_eq!(token.unwrap().expose_secret(), "dapi-next");
+/// # }
+/// ```
+#[must_use = "futures do nothing unless polled"]
+pub struct RefreshFuture<'a> {
+    inner: RefreshInner<'a>,
+}
+
+enum RefreshInner<'a> {
+    Ready(Option<Option<Token>>),
+    Boxed(Pin<Box<dyn Future<Output = Option<Token>> + Send + 'a>>),
+}
+
+impl<'a> RefreshFuture<'a> {
+    /// Wraps the work of a refresh.
+    pub fn new<F>(future: F) -> Self
+    where
+        F: Future<Output = Option<Token>> + Send + 'a,
+    {
+        Self {
+            inner: RefreshInner::Boxed(Box::pin(future)),
+        }
+    }
+
+    /// A refresh whose answer is already known.
+    pub fn ready(token: Option<Token>) -> Self {
+        Self {
+            inner: RefreshInner::Ready(Some(token)),
+        }
+    }
+}
+
+impl Future for RefreshFuture<'_> {
+    type Output = Option<Token>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.inner {
+            RefreshInner::Ready(answer) => Poll::Ready(
+                answer
+                    .take()
+                    .expect("RefreshFuture polled after it completed"),
+            ),
+            RefreshInner::Boxed(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl fmt::Debug for RefreshFuture<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.inner {
+            RefreshInner::Ready(Some(_)) => "ready",
+            RefreshInner::Ready(None) => "done",
+            RefreshInner::Boxed(_) => "pending",
+        };
+        f.debug_struct("RefreshFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
 
 /// Where the current bearer token comes from.
 ///
@@ -23,8 +94,9 @@ pub type RefreshFuture<'a> = Pin<Box<dyn Future<Output = Option<Token>> + Send +
 ///   retry, or `None` when there is none. It may do I/O (re-read a file, call a token endpoint),
 ///   and concurrent callers should share that work.
 ///
-/// Implementations are shared between requests, so they are `Send + Sync`.
-pub trait TokenSource: Send + Sync + 'static {
+/// Implementations are shared between requests, so they are `Send + Sync`, and `Debug` so that
+/// a stack that holds one can be logged; a `Debug` implementation must never print the token.
+pub trait TokenSource: Send + Sync + fmt::Debug + 'static {
     /// The token to put on a request now, or `None` when none is available.
     fn current(&self) -> Option<Token>;
 
@@ -33,7 +105,7 @@ pub trait TokenSource: Send + Sync + 'static {
     /// The default looks at [`current`](TokenSource::current) again, which is right for
     /// sources that are updated from elsewhere.
     fn refresh<'a>(&'a self, rejected: &'a Token) -> RefreshFuture<'a> {
-        Box::pin(async move { self.current().filter(|token| !token.same_secret(rejected)) })
+        RefreshFuture::ready(self.current().filter(|token| !token.same_secret(rejected)))
     }
 }
 
@@ -79,6 +151,7 @@ pub struct SharedToken {
 
 impl SharedToken {
     /// An empty cell.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -132,7 +205,7 @@ impl TokenSource for StaticToken {
     }
 
     fn refresh<'a>(&'a self, _rejected: &'a Token) -> RefreshFuture<'a> {
-        Box::pin(async { None })
+        RefreshFuture::ready(None)
     }
 }
 
@@ -171,7 +244,7 @@ impl TokenSource for FirstAvailable {
     }
 
     fn refresh<'a>(&'a self, rejected: &'a Token) -> RefreshFuture<'a> {
-        Box::pin(async move {
+        RefreshFuture::new(async move {
             for source in self.sources.iter() {
                 if let Some(token) = source.refresh(rejected).await {
                     return Some(token);

@@ -7,6 +7,7 @@
 //! unknown length that is not JSON is streamed through a size limit instead and is never
 //! replayed: its 401 or 403 goes to the client as it is.
 
+mod client;
 mod error;
 mod headers;
 mod response;
@@ -24,10 +25,11 @@ use http::{HeaderMap, Method, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use reqwest::Url;
 
-use crate::filter::{RequestSanitizer, ToolContext};
-use crate::metrics::Metrics;
-use crate::status::Activity;
+use crate::health::metrics::Metrics;
+use crate::token::status::Activity;
+use fresh_filter::{RequestSanitizer, ToolContext};
 
+pub use client::{install_crypto_provider, upstream_client};
 pub use error::ProxyError;
 pub use headers::{client_response_headers, upstream_request_headers};
 

@@ -13,8 +13,8 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use super::describe_error;
 use super::error::ProxyError;
 use super::headers::client_response_headers;
-use crate::filter::{self, FilterReport, SseLimits, SseRewriter, ToolContext};
-use crate::metrics::Metrics;
+use crate::health::metrics::Metrics;
+use fresh_filter::{self as filter, FilterReport, SseLimits, SseRewriter, ToolContext};
 
 /// JSON bodies up to this size are read whole and fixed; larger ones stream through unchanged.
 const MAX_FIXED_JSON: usize = 16 * 1024 * 1024;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fresh_proxy::status::SourceKind;
+use fresh_proxy::token::status::SourceKind;
 use fresh_proxy::{AppState, ProxySettings, app};
 use fresh_token::TokenSource;
 use reqwest::Url;

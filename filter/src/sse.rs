@@ -45,7 +45,7 @@ impl Default for SseLimits {
 /// that made tool calls. Nothing is emitted after `data: [DONE]`.
 ///
 /// ```
-/// use fresh_proxy::filter::{SseLimits, SseRewriter, ToolContext};
+/// use fresh_filter::{SseLimits, SseRewriter, ToolContext};
 ///
 /// let mut rewriter = SseRewriter::new(ToolContext::new(["bash"]), SseLimits::default());
 /// let mut out = Vec::new();

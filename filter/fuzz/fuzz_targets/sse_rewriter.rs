@@ -2,7 +2,7 @@
 
 #![no_main]
 
-use fresh_proxy::filter::{SseLimits, SseRewriter, ToolContext};
+use fresh_filter::{SseLimits, SseRewriter, ToolContext};
 use libfuzzer_sys::fuzz_target;
 
 fn rewrite(chunks: &[&[u8]], tools: &ToolContext, limits: SseLimits) -> Vec<u8> {

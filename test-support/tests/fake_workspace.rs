@@ -1,16 +1,14 @@
 //! The fake workspace behaves like the Databricks REST API, so the other tests prove something.
 
-mod common;
-
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use common::fake_workspace::{
+use fresh_test_support::fake_workspace::{
     Behaviour, CHAT_REPLY, FakeWorkspace, REDACTED, TOOL_CALL_ARGUMENTS, TOOL_CALL_NAME, TokenKind,
     USER_NAME, sha256_hex,
 };
-use common::{JsonBody, SseReader, http_client, wait_until};
+use fresh_test_support::{JsonBody, SseReader, http_client, wait_until};
 use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_secs(10);

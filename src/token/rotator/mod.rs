@@ -16,9 +16,9 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use fresh_proxy::metrics::Metrics;
-//! use fresh_proxy::rotator::{IdlePolicy, Rotator, RotatorConfig};
-//! use fresh_proxy::status::{Activity, SourceKind, StatusCell, TokenStatus};
+//! use fresh_proxy::health::metrics::Metrics;
+//! use fresh_proxy::token::rotator::{IdlePolicy, Rotator, RotatorConfig};
+//! use fresh_proxy::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 //! use fresh_token::TokenSource;
 //! use tokio_util::sync::CancellationToken;
 //!
@@ -70,8 +70,8 @@ use std::time::{Duration, SystemTime};
 use fresh_token::{ConfigFileToken, RefreshFuture, SharedToken, Token, TokenSource};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-use crate::status::{Activity, StatusCell};
+use crate::health::metrics::Metrics;
+use crate::token::status::{Activity, StatusCell};
 
 pub use schedule::IdlePolicy;
 pub use sinks::{Sink, SinkKind, SinkSpecError, parse_sinks};
@@ -189,7 +189,7 @@ impl TokenSource for RotatorSource {
     }
 
     fn refresh<'a>(&'a self, rejected: &'a Token) -> RefreshFuture<'a> {
-        Box::pin(async move {
+        RefreshFuture::new(async move {
             if let Some(token) = self.current().filter(|t| !t.same_secret(rejected)) {
                 return Some(token);
             }

@@ -1,5 +1,9 @@
-//! `/health`, `/ready` and `/metrics`.
+//! `/health`, `/ready` and `/metrics`, served from a [`HealthState`]: the token source, the
+//! published status and the metrics, nothing of the forwarding path.
 
+pub mod metrics;
+
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::Json;
@@ -9,12 +13,29 @@ use http::StatusCode;
 use http::header::CONTENT_TYPE;
 use serde_json::json;
 
-use crate::AppState;
-use crate::status::{TokenState, TokenStatus};
+use fresh_token::TokenSource;
+use reqwest::Url;
+
+use crate::health::metrics::Metrics;
+use crate::token::status::{StatusCell, TokenState, TokenStatus};
+
+/// What `/health`, `/ready` and `/metrics` read. The app derives it from its own state
+/// (`FromRef`), so these handlers know nothing of forwarding.
+#[derive(Clone, Debug)]
+pub struct HealthState {
+    /// The source the proxy injects from.
+    pub source: Arc<dyn TokenSource>,
+    /// The status the token machinery publishes.
+    pub status: StatusCell,
+    /// The metrics rendered at `/metrics`.
+    pub metrics: Metrics,
+    /// The upstream base, reported by `/health`.
+    pub upstream: Url,
+}
 
 /// The token's status as it is now: the published snapshot, with presence and expiry taken
 /// from the token the proxy would inject.
-fn token_status(app: &AppState, now: SystemTime) -> TokenStatus {
+fn token_status(app: &HealthState, now: SystemTime) -> TokenStatus {
     let mut status = (*app.status.get()).clone();
     let token = app.source.current();
     // A source hands out nothing once it knows its token expired (the proxy answers 503); the
@@ -32,7 +53,7 @@ fn rfc3339(at: Option<SystemTime>) -> Option<String> {
 }
 
 /// `GET /health`: always 200 while the process runs; never a token value.
-pub(crate) async fn health(State(app): State<AppState>) -> Json<serde_json::Value> {
+pub(crate) async fn health(State(app): State<HealthState>) -> Json<serde_json::Value> {
     let now = SystemTime::now();
     let status = token_status(&app, now);
     let state = status.state_at(now);
@@ -42,7 +63,7 @@ pub(crate) async fn health(State(app): State<AppState>) -> Json<serde_json::Valu
     };
     Json(json!({
         "status": overall,
-        "upstream": app.forwarder.upstream_base.as_str(),
+        "upstream": app.upstream.as_str(),
         "token": {
             "source": status.source,
             "state": state,
@@ -55,7 +76,7 @@ pub(crate) async fn health(State(app): State<AppState>) -> Json<serde_json::Valu
 }
 
 /// `GET /ready`: 200 while a usable, unexpired token is held, else 503 with a reason.
-pub(crate) async fn ready(State(app): State<AppState>) -> Response {
+pub(crate) async fn ready(State(app): State<HealthState>) -> Response {
     let now = SystemTime::now();
     let status = token_status(&app, now);
     let reason = match status.state_at(now) {
@@ -73,7 +94,7 @@ pub(crate) async fn ready(State(app): State<AppState>) -> Response {
 }
 
 /// `GET /metrics`: Prometheus text format.
-pub(crate) async fn metrics(State(app): State<AppState>) -> Response {
+pub(crate) async fn metrics(State(app): State<HealthState>) -> Response {
     let now = SystemTime::now();
     let status = token_status(&app, now);
     let text = app.metrics.render(status.expires_in_s(now));

@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use fresh_proxy::filter::{
+use fresh_filter::{
     RequestSanitizer, SseLimits, SseRewriter, ToolContext, fix_response_bytes,
     sanitize_request_bytes,
 };
@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 /// The request the load harness sends: an OpenCode-shaped turn whose tool schemas carry
 /// `$schema` and `additionalProperties`.
-const LOADTEST_REQUEST: &[u8] = include_bytes!("../tools/loadtest/agent-request.json");
+const LOADTEST_REQUEST: &[u8] = include_bytes!("../../tools/loadtest/agent-request.json");
 
 fn tool(name: &str, description: &str) -> Value {
     json!({"type": "function", "function": {

@@ -1,7 +1,7 @@
 use serde_json::json;
 
 use super::*;
-use crate::filter::test_support::*;
+use crate::test_support::*;
 
 fn declared() -> ToolContext {
     ToolContext::new(["read_file", "bash"])

@@ -1,5 +1,9 @@
-//! Choosing and starting the token machinery for a [`Config`]: the rotator, OAuth, or a
-//! follower of the config file.
+//! The token machinery: choosing and starting, for a [`Config`], the rotator, OAuth, or a
+//! follower of the config file, and the status they publish for `/health`.
+
+pub mod oauth;
+pub mod rotator;
+pub mod status;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,10 +13,10 @@ use fresh_token::{ConfigFileToken, FirstAvailable, StaticToken, TokenSource};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, IdlePolicyArg, TokenMode};
-use crate::metrics::Metrics;
-use crate::oauth::{OAuthConfig, OAuthSource};
-use crate::rotator::{IdlePolicy, Rotator, RotatorConfig, parse_sinks};
-use crate::status::{Activity, SourceKind, StatusCell, TokenStatus};
+use crate::health::metrics::Metrics;
+use crate::token::oauth::{OAuthConfig, OAuthSource};
+use crate::token::rotator::{IdlePolicy, Rotator, RotatorConfig, parse_sinks};
+use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 

@@ -73,7 +73,7 @@ impl Metrics {
         for result in ROTATION_RESULTS {
             rotations.get_or_create_owned(&ResultLabel { result });
         }
-        for action in crate::filter::FilterAction::ALL {
+        for action in fresh_filter::FilterAction::ALL {
             filter_actions.get_or_create_owned(&KindLabel {
                 kind: action.as_str(),
             });
@@ -183,7 +183,7 @@ mod tests {
     #[test]
     fn every_labelled_series_is_there_from_the_start() {
         let text = Metrics::new().render(None);
-        let kinds = crate::filter::FilterAction::ALL.map(|a| a.as_str());
+        let kinds = fresh_filter::FilterAction::ALL.map(|a| a.as_str());
         let lines = STATUS_CLASSES
             .iter()
             .map(|class| format!("fresh_proxy_requests_total{{class=\"{class}\"}} 0"))

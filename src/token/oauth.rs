@@ -10,9 +10,9 @@
 //! The client secret is a [`Token`]: it never shows in `Debug` output or logs.
 //!
 //! ```no_run
-//! use fresh_proxy::metrics::Metrics;
-//! use fresh_proxy::oauth::{OAuthConfig, OAuthSource};
-//! use fresh_proxy::status::{SourceKind, StatusCell, TokenStatus};
+//! use fresh_proxy::health::metrics::Metrics;
+//! use fresh_proxy::token::oauth::{OAuthConfig, OAuthSource};
+//! use fresh_proxy::token::status::{SourceKind, StatusCell, TokenStatus};
 //! use fresh_token::Token;
 //! use tokio_util::sync::CancellationToken;
 //!
@@ -41,9 +41,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-use crate::rotator::schedule::{Backoff, retry_after};
-use crate::status::{SourceKind, StatusCell};
+use crate::health::metrics::Metrics;
+use crate::token::rotator::schedule::{Backoff, retry_after};
+use crate::token::status::{SourceKind, StatusCell};
 
 /// How long one token request may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -334,7 +334,7 @@ impl TokenSource for OAuthSource {
     /// One shared fetch: callers that arrive while a fetch runs get its result. At most one
     /// fetch per [`REJECTION_FETCH_INTERVAL`]: within it, a rejected token gets no other.
     fn refresh<'a>(&'a self, rejected: &'a Token) -> RefreshFuture<'a> {
-        Box::pin(async move {
+        RefreshFuture::new(async move {
             let mut last_fetch = self.inner.fetching.lock().await;
             if let Some(token) = self.inner.current().filter(|t| !t.same_secret(rejected)) {
                 return Some(token);
@@ -397,7 +397,7 @@ mod tests {
         let source = OAuthSource::new(
             config.clone(),
             reqwest::Client::new(),
-            StatusCell::new(crate::status::TokenStatus::new(SourceKind::Oauth)),
+            StatusCell::new(crate::token::status::TokenStatus::new(SourceKind::Oauth)),
             Metrics::new(),
         );
         for shown in [format!("{config:?}"), format!("{source:?}")] {

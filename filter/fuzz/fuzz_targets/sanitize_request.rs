@@ -4,7 +4,7 @@
 
 #![no_main]
 
-use fresh_proxy::filter::{
+use fresh_filter::{
     ToolContext, fix_response_bytes, sanitize_request, sanitize_request_bytes,
 };
 use libfuzzer_sys::fuzz_target;

@@ -14,7 +14,7 @@
 //! needs no change is never re-serialised: the caller forwards the original bytes.
 //!
 //! ```
-//! use fresh_proxy::filter::{fix_response_bytes, sanitize_request_bytes};
+//! use fresh_filter::{fix_response_bytes, sanitize_request_bytes};
 //!
 //! let request = br#"{"model": "m", "stream_options": {"include_usage": true},
 //!     "messages": [{"role": "user", "content": [{"type": "text", "text": " "},

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::status::Activity;
+use crate::token::status::Activity;
 
 use super::schedule::Sessions;
 

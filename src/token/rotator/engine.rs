@@ -8,8 +8,8 @@ use fresh_token::databrickscfg::{self, ConfigFileError};
 use fresh_token::{ConfigFileToken, SharedToken, Token, TokenSource};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-use crate::status::{Activity, SourceKind, StatusCell};
+use crate::health::metrics::Metrics;
+use crate::token::status::{Activity, SourceKind, StatusCell};
 
 use super::RotatorConfig;
 use super::api::{ApiError, Deleted, MintedToken, TokenApi};

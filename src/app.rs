@@ -1,0 +1,196 @@
+//! The whole HTTP surface as one axum [`Router`]: [`app`] and the [`AppState`] it serves from.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::FromRef;
+use axum::routing::get;
+use fresh_token::{FreshTokenLayer, TokenSource};
+use http::header::AUTHORIZATION;
+use http::{HeaderValue, Request};
+use reqwest::Url;
+use tower::ServiceBuilder;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use crate::health::{self, HealthState, metrics::Metrics};
+use crate::proxy::{self, Forwarder, upstream_client};
+use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
+
+/// Everything [`app`] serves from.
+#[derive(Clone)]
+pub struct AppState {
+    forwarder: Forwarder,
+    source: Arc<dyn TokenSource>,
+    status: StatusCell,
+    metrics: Metrics,
+    request_ids: RequestCounter,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("forwarder", &self.forwarder)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings of the forwarding path.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    /// Request paths and queries are appended to this URL.
+    pub upstream_base: Url,
+    /// Larger request bodies get 413.
+    pub max_body: usize,
+    /// Time to wait for upstream response headers.
+    pub upstream_timeout: Duration,
+}
+
+impl ProxySettings {
+    /// `upstream_base` with the default limits (32 MiB bodies, 300 s for headers).
+    pub fn new(upstream_base: Url) -> Self {
+        Self {
+            upstream_base,
+            max_body: 32 * 1024 * 1024,
+            upstream_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl AppState {
+    /// State for a proxy to `settings.upstream_base` that takes tokens from `source`, with a new
+    /// upstream client, fresh metrics and a status of `kind`.
+    pub fn new(settings: ProxySettings, source: Arc<dyn TokenSource>, kind: SourceKind) -> Self {
+        let client = upstream_client(&settings.upstream_base);
+        Self::with_parts(
+            settings,
+            source,
+            client,
+            StatusCell::new(TokenStatus::new(kind)),
+            Metrics::new(),
+            Activity::default(),
+        )
+    }
+
+    /// State from parts shared with the rotator: its status cell, metrics and activity.
+    pub fn with_parts(
+        settings: ProxySettings,
+        source: Arc<dyn TokenSource>,
+        client: reqwest::Client,
+        status: StatusCell,
+        metrics: Metrics,
+        activity: Activity,
+    ) -> Self {
+        let forwarder = Forwarder {
+            sanitizer: Arc::default(),
+            client,
+            upstream_base: settings.upstream_base,
+            source: source.clone(),
+            max_body: settings.max_body,
+            upstream_timeout: settings.upstream_timeout,
+            metrics: metrics.clone(),
+            activity,
+        };
+        Self {
+            forwarder,
+            source,
+            status,
+            metrics,
+            request_ids: RequestCounter::default(),
+        }
+    }
+
+    /// A copy sharing everything (token source, status, metrics, request ids, the filter's
+    /// memory) but the upstream client, which is new. A client's pooled connections are driven
+    /// by tasks on the runtime that opened them, so each runtime serving the app should have its
+    /// own: [`server::serve`] builds one copy per worker.
+    pub fn for_runtime(&self) -> Self {
+        let mut copy = self.clone();
+        copy.forwarder.client = upstream_client(&self.forwarder.upstream_base);
+        copy
+    }
+
+    /// The metrics this app records into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+impl FromRef<AppState> for HealthState {
+    fn from_ref(app: &AppState) -> Self {
+        HealthState {
+            source: app.source.clone(),
+            status: app.status.clone(),
+            metrics: app.metrics.clone(),
+            upstream: app.forwarder.upstream_base.clone(),
+        }
+    }
+}
+
+/// The proxy's router: forwarding with token injection on every path, plus `/health`, `/ready`
+/// and `/metrics` for `GET`.
+pub fn app(state: AppState) -> Router {
+    let metrics = state.metrics.clone();
+    let forwarder = state.forwarder.clone();
+    let request_ids = state.request_ids.clone();
+    let forward = ServiceBuilder::new()
+        .map_response(
+            move |res: http::Response<fresh_token::ResponseBody<Body>>| {
+                metrics.request(res.status().as_u16());
+                res.map(Body::new)
+            },
+        )
+        .layer(FreshTokenLayer::new(state.source.clone()))
+        .service(tower::service_fn(move |req| {
+            let forwarder = forwarder.clone();
+            async move { Ok::<_, Infallible>(proxy::forward(forwarder, req).await) }
+        }));
+    Router::new()
+        .route("/health", get(health::health).fallback_service(forward.clone()))
+        .route("/ready", get(health::ready).fallback_service(forward.clone()))
+        .route("/metrics", get(health::metrics).fallback_service(forward.clone()))
+        .fallback_service(forward.clone())
+        .with_state(state)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
+                .layer(SetRequestIdLayer::x_request_id(request_ids))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(|req: &Request<_>| {
+                            let id = req
+                                .headers()
+                                .get("x-request-id")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-");
+                            tracing::info_span!("request", id, method = %req.method(), path = req.uri().path())
+                        })
+                        .on_request(())
+                        .on_response(DefaultOnResponse::new().level(Level::DEBUG))
+                        .on_failure(DefaultOnFailure::new().level(Level::WARN)),
+                )
+                .layer(PropagateRequestIdLayer::x_request_id()),
+        )
+}
+
+/// Request ids: a process-wide counter, cheaper than random ids and easy to follow in logs.
+#[derive(Clone, Debug, Default)]
+struct RequestCounter(Arc<AtomicU64>);
+
+impl MakeRequestId for RequestCounter {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        let id = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        HeaderValue::from_str(&format!("{id:x}"))
+            .ok()
+            .map(RequestId::new)
+    }
+}
