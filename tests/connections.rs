@@ -278,3 +278,68 @@ async fn the_unix_socket_is_private_and_serves() {
     assert_eq!(ws.stats().serving_ok, 1);
     assert!(proxy.logs().contains("also listening on a Unix socket"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_key_comes_from_the_environment_and_never_reaches_the_logs() {
+    let key = "fp-binary-client-key-55d1";
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(600));
+    let (_home, proxy) = start(
+        &ws,
+        &pat,
+        binary(),
+        &[("PROXY_CLIENT_KEY", key), ("RUST_LOG", "trace")],
+    )
+    .await;
+    let client = http_client();
+    let url = format!("{}/chat/invocations", proxy.url());
+    let body = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let res = client.post(&url).json_body(&body).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    let res = client
+        .post(&url)
+        .bearer_auth(key)
+        .json_body(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = client
+        .post(&url)
+        .header("x-api-key", key)
+        .json_body(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(ws.stats().serving_ok, 2);
+    let logs = proxy.logs();
+    assert!(!logs.contains(key), "the client key reached the logs");
+    assert!(!logs.contains(&pat.value), "the token reached the logs");
+}
+
+#[test]
+fn bad_client_settings_exit_with_2_and_name_the_variable() {
+    let home = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str)] = &[
+        ("PROXY_HEADER_TIMEOUT", "0"),
+        ("PROXY_IDLE_TIMEOUT", "soon"),
+        ("PROXY_MAX_CONNECTIONS", "0"),
+        ("PROXY_ALLOWED_HOSTS", "http://proxy"),
+        ("PROXY_CLIENT_KEY", "secret with spaces"),
+    ];
+    for (name, value) in cases {
+        let mut cmd = command(home.path());
+        cmd.env("DATABRICKS_HOST", "https://example.cloud.databricks.com")
+            .env("DATABRICKS_TOKEN", "dapi-bootstrap-0001")
+            .env(name, value);
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}={value}: {stderr}");
+        assert!(stderr.contains(name), "{name}: {stderr}");
+        assert!(
+            !stderr.contains("secret with spaces"),
+            "the key was printed: {stderr}"
+        );
+    }
+}

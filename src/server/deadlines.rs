@@ -457,6 +457,40 @@ mod tests {
         drop(tx);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_off_after_the_write_stall() {
+        use tokio::io::AsyncWriteExt;
+
+        let (client, server) = tokio::io::duplex(64);
+        let clock = ConnectionClock::new(DEADLINES, Instant::now());
+        let _request = clock.request_started();
+        let mut io = DeadlineIo::new(server, clock);
+        // The client reads nothing: the pipe fills, then the write waits.
+        let started = Instant::now();
+        let err = io
+            .write_all(&[b'x'; 1024])
+            .await
+            .expect_err("an unread answer ends the connection");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), DEADLINES.write_stall);
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_fails_its_read_at_the_deadline() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (mut client, server) = tokio::io::duplex(64);
+        let accepted = Instant::now();
+        let mut io = DeadlineIo::new(server, ConnectionClock::new(DEADLINES, accepted));
+        client.write_all(b"GET / HT").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 8);
+        let err = io.read(&mut buf).await.expect_err("the head is overdue");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(accepted.elapsed(), DEADLINES.header);
+    }
+
     /// A stream over an mpsc receiver, without tokio-stream.
     fn tokio_stream_from<T: Send + 'static>(
         rx: tokio::sync::mpsc::Receiver<T>,
