@@ -11,7 +11,7 @@ use axum::extract::FromRef;
 use axum::routing::get;
 use fresh_token::{FreshTokenLayer, TokenSource};
 use http::header::AUTHORIZATION;
-use http::{HeaderValue, Request};
+use http::{HeaderName, HeaderValue, Request};
 use reqwest::Url;
 use tower::ServiceBuilder;
 use tower_http::request_id::{
@@ -22,6 +22,7 @@ use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::health::{self, HealthState, metrics::Metrics};
+use crate::proxy::guard::{ClientGuardLayer, ClientPolicy};
 use crate::proxy::{self, Forwarder, upstream_client};
 use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 
@@ -33,6 +34,7 @@ pub struct AppState {
     status: StatusCell,
     metrics: Metrics,
     request_ids: RequestCounter,
+    policy: ClientPolicy,
 }
 
 impl std::fmt::Debug for AppState {
@@ -106,7 +108,14 @@ impl AppState {
             status,
             metrics,
             request_ids: RequestCounter::default(),
+            policy: ClientPolicy::loopback(),
         }
+    }
+
+    /// Who may use the proxy (by default: clients naming a loopback host, no client key).
+    pub fn with_client_policy(mut self, policy: ClientPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// A copy sharing everything (token source, status, metrics, request ids, the filter's
@@ -142,6 +151,7 @@ pub fn app(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     let forwarder = state.forwarder.clone();
     let request_ids = state.request_ids.clone();
+    let guard = ClientGuardLayer::new(state.policy.clone());
     let forward = ServiceBuilder::new()
         .map_response(
             move |res: http::Response<fresh_token::ResponseBody<Body>>| {
@@ -162,7 +172,10 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
         .layer(
             ServiceBuilder::new()
-                .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
+                .layer(SetSensitiveRequestHeadersLayer::new([
+                    AUTHORIZATION,
+                    HeaderName::from_static("x-api-key"),
+                ]))
                 .layer(SetRequestIdLayer::x_request_id(request_ids))
                 .layer(
                     TraceLayer::new_for_http()
@@ -178,7 +191,9 @@ pub fn app(state: AppState) -> Router {
                         .on_response(DefaultOnResponse::new().level(Level::DEBUG))
                         .on_failure(DefaultOnFailure::new().level(Level::WARN)),
                 )
-                .layer(PropagateRequestIdLayer::x_request_id()),
+                .layer(PropagateRequestIdLayer::x_request_id())
+                // Refusals are answered before anything else runs, and are traced like others.
+                .layer(guard),
         )
 }
 

@@ -12,6 +12,9 @@ use reqwest::Url;
 
 use crate::token::rotator::IdlePolicy;
 
+mod clients;
+pub use clients::{CLIENT_KEY_VAR, ClientArgs, ClientSettings, client_key_from_env};
+
 /// Command line and environment, as clap parses them. Field names are the variables' names, so
 /// each flag is the kebab-case of its variable.
 #[derive(Debug, Clone, Parser)]
@@ -116,6 +119,9 @@ pub struct Cli {
     /// Log filter, in tracing's `EnvFilter` syntax
     #[arg(long, env = "RUST_LOG", default_value = "info", value_name = "FILTER")]
     pub rust_log: String,
+    /// Client connections and the trust boundary.
+    #[command(flatten)]
+    pub clients: ClientArgs,
 }
 
 /// `on` / `off`.
@@ -251,6 +257,8 @@ pub struct Config {
     pub rotation: RotationSettings,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Client connections and the trust boundary.
+    pub clients: ClientSettings,
 }
 
 /// Invalid configuration: one message naming the variable or file and what is wrong.
@@ -425,6 +433,7 @@ impl Config {
                 revoke_bootstrap: cli.pat_revoke_bootstrap,
             },
             log_format: cli.log_format,
+            clients: ClientSettings::from_args(&cli.clients)?,
         })
     }
 }

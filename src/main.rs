@@ -5,7 +5,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use fresh_proxy::config::{Cli, Config, ConfigError, LogFormat, Secrets};
+use fresh_proxy::config::{Cli, Config, ConfigError, LogFormat, Secrets, client_key_from_env};
+use fresh_proxy::proxy::guard::ClientKey;
+use fresh_proxy::server::{ConnectionSettings, Listeners};
 use fresh_proxy::token::TokenSetup;
 use fresh_proxy::{AppState, ProxySettings, app, server};
 use tokio_util::sync::CancellationToken;
@@ -34,6 +36,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let client_key = match client_key_from_env() {
+        Ok(key) => key,
+        Err(err) => {
+            eprintln!("fresh-proxy: invalid configuration: {err}");
+            return ExitCode::from(2);
+        }
+    };
     let filter = match EnvFilter::try_new(&cli.rust_log) {
         Ok(filter) => filter,
         Err(err) => {
@@ -42,6 +51,7 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format, filter);
+    let connections = connection_limits(&config);
     // This runtime accepts connections; requests are served by the worker threads of
     // `fresh_proxy::server`, and the token machinery runs on a thread of its own, each with a
     // runtime of its own.
@@ -55,7 +65,32 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, connections, client_key))
+}
+
+/// Raises the soft limit on open files to the hard limit (systemd starts services at 1,024),
+/// and caps the connection limit to what the file limit allows, so that running out of
+/// descriptors never stops health checks, the rotation's file writes or its API calls.
+fn connection_limits(config: &Config) -> ConnectionSettings {
+    let mut settings = config.clients.connections;
+    let open_files = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot raise the limit on open files");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft)
+        }
+    };
+    let allowed = fresh_proxy::server::connection_budget(settings.max_connections, open_files);
+    if allowed < settings.max_connections {
+        tracing::warn!(
+            open_files,
+            configured = settings.max_connections,
+            allowed,
+            "the limit on open files allows fewer client connections than PROXY_MAX_CONNECTIONS; raise LimitNOFILE (ulimit -n)"
+        );
+        settings.max_connections = allowed;
+    }
+    settings
 }
 
 fn init_tracing(format: LogFormat, filter: EnvFilter) {
@@ -69,7 +104,11 @@ fn init_tracing(format: LogFormat, filter: EnvFilter) {
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(
+    config: Config,
+    connections: ConnectionSettings,
+    client_key: Option<ClientKey>,
+) -> ExitCode {
     let client = fresh_proxy::upstream_client(&config.upstream_base);
     let setup = match TokenSetup::new(&config, client.clone()) {
         Ok(setup) => setup,
@@ -85,6 +124,17 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let unix = match &config.clients.unix_socket {
+        Some(path) => match server::listen_unix(path) {
+            Ok(listener) => Some(listener),
+            Err(err) => {
+                tracing::error!(path = %path.display(), error = %err, "cannot listen on PROXY_UNIX_SOCKET");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let policy = config.clients.policy(client_key);
     let settings = ProxySettings {
         upstream_base: config.upstream_base.clone(),
         max_body: config.max_body,
@@ -97,7 +147,8 @@ async fn serve(config: Config) -> ExitCode {
         setup.status.clone(),
         setup.metrics.clone(),
         setup.activity.clone(),
-    );
+    )
+    .with_client_policy(policy.clone());
     let background = CancellationToken::new();
     let token_machinery = match spawn_token_machinery(setup, background.clone()) {
         Ok(done) => done,
@@ -116,13 +167,31 @@ async fn serve(config: Config) -> ExitCode {
         source = ?state_source(&config),
         "listening"
     );
+    if let Some(path) = &config.clients.unix_socket {
+        tracing::info!(path = %path.display(), "also listening on a Unix socket, mode 0600");
+    }
+    if !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            %address,
+            client_key = policy.requires_key(),
+            "listening beyond loopback: whoever reaches this address may spend the workspace token; see docs/SECURITY.md"
+        );
+    }
 
     let shutdown = CancellationToken::new();
     let workers = server::default_workers();
     tracing::debug!(workers, "serving");
-    let server = server::serve(listener, workers, shutdown.clone(), move || {
-        app(state.for_runtime())
-    });
+    let listeners = Listeners {
+        tcp: listener,
+        unix,
+    };
+    let server = server::serve(
+        listeners,
+        workers,
+        connections,
+        shutdown.clone(),
+        move || app(state.for_runtime()),
+    );
     let signal = {
         let shutdown = shutdown.clone();
         async move {
@@ -152,6 +221,9 @@ async fn serve(config: Config) -> ExitCode {
     };
     background.cancel();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), token_machinery).await;
+    if let Some(path) = &config.clients.unix_socket {
+        let _ = std::fs::remove_file(path);
+    }
     code
 }
 

@@ -11,23 +11,53 @@
 //!
 //! The listening socket stays a single, exclusively bound socket (no `SO_REUSEPORT`), so a
 //! second proxy started on the same port still fails with "address in use".
+//!
+//! Every connection is held to deadlines ([`deadlines`]) and counted against
+//! `PROXY_MAX_CONNECTIONS` with a reserve for health checks ([`limit`]): a client that opens
+//! connections and sends nothing, or sends slowly, cannot take the proxy's file descriptors.
 
+mod deadlines;
+mod limit;
+mod unix;
+
+use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::serve::Listener;
-use tokio::net::{TcpListener, TcpStream};
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+pub use deadlines::Deadlines;
+use deadlines::{ConnectionClock, CountedBody, DeadlineIo, PauseLimitedBody};
+use limit::{Admission, ConnectionLimit, RESERVE_HEAD_TIMEOUT, Slot};
+pub use limit::{FIXED_DESCRIPTORS, RESERVE_CONNECTIONS, connection_budget};
+pub use unix::listen_unix;
 
 /// How many connections the kernel holds for the proxy before it accepts them. The standard
 /// library and tokio ask for 128; a burst of agents' streams (or a load test) opening more at
 /// once would then see SYNs dropped and retried a second later. The kernel caps this at
 /// `net.core.somaxconn`.
 pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Idle time before TCP keepalive probes start on a client connection, so that a long stream
+/// to a client whose machine vanished ends instead of holding its connection forever.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// A listening socket on `addr` with [`LISTEN_BACKLOG`], `SO_REUSEADDR` set as
 /// `TcpListener::bind` sets it. Must be called within a tokio runtime.
@@ -48,32 +78,76 @@ pub fn default_workers() -> NonZeroUsize {
     std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
 }
 
-/// Serve `listener` until `shutdown` is cancelled, then wait for every accepted connection to
+/// What the server listens on: a TCP socket, and optionally a Unix socket
+/// (`PROXY_UNIX_SOCKET`).
+#[derive(Debug)]
+pub struct Listeners {
+    /// The TCP listener.
+    pub tcp: TcpListener,
+    /// The Unix socket listener, if any.
+    pub unix: Option<UnixListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(tcp: TcpListener) -> Self {
+        Self { tcp, unix: None }
+    }
+}
+
+/// Limits on client connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionSettings {
+    /// Deadlines each connection is held to.
+    pub deadlines: Deadlines,
+    /// Client connections served at once; a small reserve past it answers health checks.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionSettings {
+    /// 30 s for a request head, 120 s of keep-alive idle time, 4096 connections.
+    fn default() -> Self {
+        Self {
+            deadlines: Deadlines {
+                header: Duration::from_secs(30),
+                idle: Duration::from_secs(120),
+                write_stall: Duration::from_secs(120),
+            },
+            max_connections: 4096,
+        }
+    }
+}
+
+/// Serve `listeners` until `shutdown` is cancelled, then wait for every accepted connection to
 /// finish (graceful shutdown: no new connections, in-flight requests complete).
 ///
 /// `make_app` builds the app each worker serves. It runs once on each worker thread, inside that
 /// worker's runtime, so what the app creates there (such as an upstream connection pool) belongs
 /// to that runtime.
 pub async fn serve<F>(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     workers: NonZeroUsize,
+    settings: ConnectionSettings,
     shutdown: CancellationToken,
     make_app: F,
 ) -> io::Result<()>
 where
     F: Fn() -> Router + Clone + Send + 'static,
 {
-    let local_addr = listener.local_addr()?;
+    let Listeners { tcp, unix } = listeners.into();
+    let limit = ConnectionLimit::new(settings.max_connections);
     let mut handoffs = Vec::with_capacity(workers.get());
     let mut finished = Vec::with_capacity(workers.get());
     for index in 0..workers.get() {
         let (handoff, accepted) = mpsc::unbounded_channel();
         let (done, worker_finished) = oneshot::channel();
-        let listener = Handoff {
+        spawn_worker(
+            index,
             accepted,
-            local_addr,
-        };
-        spawn_worker(index, listener, shutdown.clone(), make_app.clone(), done)?;
+            settings.deadlines,
+            shutdown.clone(),
+            make_app.clone(),
+            done,
+        )?;
         handoffs.push(handoff);
         finished.push(worker_finished);
     }
@@ -81,27 +155,39 @@ where
     let mut next = 0;
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = tcp.accept() => accepted.map(|(stream, _)| tcp_stream(stream)),
+            accepted = accept_unix(unix.as_ref()) => accepted.map(|stream| {
+                stream.into_std().map(ClientStream::Unix)
+            }),
             () = shutdown.cancelled() => break,
         };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
+        let stream = match accepted {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "cannot hand over an accepted connection");
+                continue;
+            }
             Err(err) => {
                 wait_after_accept_error(err).await;
                 continue;
             }
         };
-        // Small writes (one SSE event, say) go out at once instead of waiting for an ACK.
-        let _ = stream.set_nodelay(true);
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot hand over an accepted connection");
-                continue;
-            }
+        let connection = match limit.admit() {
+            Admission::Served(slot) => Handoff {
+                stream,
+                slot,
+                reserve: false,
+            },
+            Admission::Reserve(slot) => Handoff {
+                stream,
+                slot,
+                reserve: true,
+            },
+            // Closed at once: the kernel's queue keeps moving for the connections after it.
+            Admission::Refused => continue,
         };
         // Round robin over the workers still running; one that is gone is skipped.
-        let mut connection = Some((stream, peer));
+        let mut connection = Some(connection);
         for _ in 0..handoffs.len() {
             let handoff = &handoffs[next];
             next = (next + 1) % handoffs.len();
@@ -114,8 +200,9 @@ where
             return Err(io::Error::other("no worker thread is serving"));
         }
     }
-    // No new connections: close the socket now, then let the workers drain theirs.
-    drop(listener);
+    // No new connections: close the sockets now, then let the workers drain theirs.
+    drop(tcp);
+    drop(unix);
     drop(handoffs);
     for worker in finished {
         let _ = worker.await;
@@ -123,11 +210,44 @@ where
     Ok(())
 }
 
-/// Start worker `index`: a thread with a single-threaded runtime serving what `listener` hands
-/// it until `shutdown`; `done` is sent when its last connection has finished.
+/// An accepted TCP connection, set up for serving and detached from the acceptor's runtime.
+fn tcp_stream(stream: tokio::net::TcpStream) -> io::Result<ClientStream> {
+    // Small writes (one SSE event, say) go out at once instead of waiting for an ACK.
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+    stream.into_std().map(ClientStream::Tcp)
+}
+
+async fn accept_unix(listener: Option<&UnixListener>) -> io::Result<tokio::net::UnixStream> {
+    match listener {
+        Some(listener) => listener.accept().await.map(|(stream, _)| stream),
+        None => std::future::pending().await,
+    }
+}
+
+/// A client connection between the acceptor and a worker.
+#[derive(Debug)]
+enum ClientStream {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+/// An accepted connection handed to a worker, with its place in the connection count.
+#[derive(Debug)]
+struct Handoff {
+    stream: ClientStream,
+    slot: Slot,
+    /// Past `PROXY_MAX_CONNECTIONS`: health checks only.
+    reserve: bool,
+}
+
+/// Start worker `index`: a thread with a single-threaded runtime serving what it is handed
+/// until `shutdown`; `done` is sent when its last connection has finished.
 fn spawn_worker<F>(
     index: usize,
-    listener: Handoff,
+    mut accepted: mpsc::UnboundedReceiver<Handoff>,
+    deadlines: Deadlines,
     shutdown: CancellationToken,
     make_app: F,
     done: oneshot::Sender<()>,
@@ -142,45 +262,163 @@ where
         .name(format!("fresh-proxy-worker-{index}"))
         .spawn(move || {
             runtime.block_on(async move {
-                let served = axum::serve(listener, make_app())
-                    .with_graceful_shutdown(shutdown.cancelled_owned())
-                    .await;
-                if let Err(err) = served {
-                    tracing::error!(worker = index, error = %err, "worker stopped");
+                let app = make_app();
+                // Each connection task holds a sender; `recv` ends once they all have finished.
+                let (open, mut all_closed) = mpsc::channel::<()>(1);
+                loop {
+                    let handoff = tokio::select! {
+                        handoff = accepted.recv() => handoff,
+                        () = shutdown.cancelled() => None,
+                    };
+                    let Some(handoff) = handoff else { break };
+                    spawn_connection(handoff, &app, deadlines, &shutdown, open.clone());
                 }
+                drop(open);
+                let _ = all_closed.recv().await;
             });
             let _ = done.send(());
         })?;
     Ok(())
 }
 
-/// The connections a worker is handed, as an axum [`Listener`].
-struct Handoff {
-    accepted: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
-    local_addr: SocketAddr,
+/// Serve one connection on this worker's runtime until it closes; on `shutdown`, finish the
+/// request in flight and close.
+fn spawn_connection(
+    handoff: Handoff,
+    app: &Router,
+    deadlines: Deadlines,
+    shutdown: &CancellationToken,
+    open: mpsc::Sender<()>,
+) {
+    let Handoff {
+        stream,
+        slot,
+        reserve,
+    } = handoff;
+    let deadlines = if reserve {
+        Deadlines {
+            header: deadlines.header.min(RESERVE_HEAD_TIMEOUT),
+            ..deadlines
+        }
+    } else {
+        deadlines
+    };
+    let clock = ConnectionClock::new(deadlines, tokio::time::Instant::now());
+    let service = ConnectionService {
+        app: app.clone(),
+        clock: clock.clone(),
+        reserve,
+    };
+    let shutdown = shutdown.clone();
+    // Registers the socket with this worker's runtime.
+    let served = match stream {
+        ClientStream::Tcp(stream) => tokio::net::TcpStream::from_std(stream)
+            .map(|io| tokio::spawn(serve_connection(io, clock, service, reserve, shutdown))),
+        ClientStream::Unix(stream) => tokio::net::UnixStream::from_std(stream)
+            .map(|io| tokio::spawn(serve_connection(io, clock, service, reserve, shutdown))),
+    };
+    match served {
+        Ok(task) => {
+            // The slot and the worker's count are held until the connection's task ends.
+            tokio::spawn(async move {
+                let _ = task.await;
+                drop((slot, open));
+            });
+        }
+        Err(err) => tracing::warn!(error = %err, "cannot take over a connection"),
+    }
 }
 
-impl Listener for Handoff {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
-        loop {
-            let Some((stream, peer)) = self.accepted.recv().await else {
-                // The acceptor has stopped; graceful shutdown ends this worker.
-                return std::future::pending().await;
-            };
-            // Registers the socket with this worker's runtime.
-            match TcpStream::from_std(stream) {
-                Ok(stream) => return (stream, peer),
-                Err(err) => tracing::warn!(error = %err, "cannot take over a connection"),
+async fn serve_connection<I>(
+    io: I,
+    clock: ConnectionClock,
+    service: ConnectionService,
+    reserve: bool,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let io = TokioIo::new(DeadlineIo::new(io, clock));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Head and idle deadlines are the connection clock's: hyper's own header timeout would
+    // start when an answer ends and so cut idle kept-alive connections at the header timeout.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(!reserve);
+    builder.http2().timer(TokioTimer::new());
+    let connection = builder.serve_connection(io, TowerToHyperService::new(service));
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(err) = result {
+                tracing::trace!(error = %err, "connection ended");
             }
         }
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// The app as one connection serves it: requests counted on the connection's clock, request
+/// bodies held to the pause limit, and in the reserve only health checks.
+#[derive(Clone, Debug)]
+struct ConnectionService {
+    app: Router,
+    clock: ConnectionClock,
+    reserve: bool,
+}
+
+impl tower::Service<Request<Incoming>> for ConnectionService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.local_addr)
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let in_flight = self.clock.request_started();
+        if self.reserve && !is_health_check(&req) {
+            let res = overloaded();
+            return Box::pin(async move {
+                Ok(res.map(|body| Body::new(CountedBody::new(body, in_flight))))
+            });
+        }
+        let pause = self.clock.body_pause();
+        let req = req.map(|body| Body::new(PauseLimitedBody::new(body, pause)));
+        let app = self.app.clone();
+        Box::pin(async move {
+            let res = app.oneshot(req).await?;
+            Ok(res.map(|body| Body::new(CountedBody::new(body, in_flight))))
+        })
     }
+}
+
+/// What the reserve answers besides health checks.
+fn is_health_check<B>(req: &Request<B>) -> bool {
+    matches!(*req.method(), Method::GET | Method::HEAD)
+        && matches!(req.uri().path(), "/health" | "/ready" | "/metrics")
+}
+
+/// 503 for a request that arrived past `PROXY_MAX_CONNECTIONS`.
+fn overloaded() -> Response {
+    let body = serde_json::json!({
+        "error": {
+            "type": "too_many_connections",
+            "message": "the proxy holds PROXY_MAX_CONNECTIONS client connections; retry shortly",
+        }
+    });
+    let mut res = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    res.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    res
 }
 
 /// As axum and hyper do: an error of one connection is skipped; anything else (such as running
@@ -205,6 +443,7 @@ mod tests {
 
     use axum::routing::get;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
     use tokio::sync::Notify;
     use tokio::task::JoinHandle;
 
@@ -256,7 +495,13 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let workers = NonZeroUsize::new(workers).unwrap();
-        let server = tokio::spawn(serve(listener, workers, shutdown.clone(), make_app));
+        let server = tokio::spawn(serve(
+            listener,
+            workers,
+            ConnectionSettings::default(),
+            shutdown.clone(),
+            make_app,
+        ));
         (addr, shutdown, server)
     }
 

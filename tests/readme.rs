@@ -16,9 +16,17 @@ const RUN_COMMAND: &str = "DATABRICKS_HOST=https://<workspace>.cloud.databricks.
 /// The command that tests it, which must be the README's first line starting with `cargo test`.
 const TEST_COMMAND: &str = "cargo test --workspace";
 /// Variables read from the environment only: the secrets.
-const ENVIRONMENT_ONLY: [&str; 2] = ["DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET"];
+const ENVIRONMENT_ONLY: [&str; 3] = [
+    "DATABRICKS_TOKEN",
+    "DATABRICKS_CLIENT_SECRET",
+    "PROXY_CLIENT_KEY",
+];
 /// Variables that hold secrets and so must never have a flag.
-const SECRETS: [&str; 2] = ["DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET"];
+const SECRETS: [&str; 3] = [
+    "DATABRICKS_TOKEN",
+    "DATABRICKS_CLIENT_SECRET",
+    "PROXY_CLIENT_KEY",
+];
 /// The pages in `docs/` that these tests check; the others have their own owners.
 const CHECKED_DOCS: [&str; 4] = [
     "docs/ARCHITECTURE.md",

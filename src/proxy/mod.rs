@@ -9,8 +9,10 @@
 
 mod client;
 mod error;
+pub mod guard;
 mod headers;
 mod response;
+mod scrub;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -83,10 +85,14 @@ impl Outgoing {
 /// Forward one request; errors become JSON answers.
 pub async fn forward(fwd: Forwarder, req: Request) -> Response {
     fwd.activity.record(SystemTime::now());
-    match fwd.forward(req).await {
+    let sent = req.extensions().get::<Token>().cloned();
+    let res = match fwd.forward(req).await {
         Ok(res) => res,
         Err(err) => err.into_response(),
-    }
+    };
+    // The token a retry used is the source's current one.
+    let current = fwd.source.current();
+    scrub::without_tokens(res, sent.iter().chain(current.iter()))
 }
 
 impl Forwarder {
@@ -104,8 +110,16 @@ impl Forwarder {
         let (mut outgoing, tools) = self.read_body(&parts.headers, body).await?;
 
         let method = parts.method;
+        // The token goes on after the hop-by-hop headers are gone, so that a client's
+        // `Connection: authorization` cannot strip it.
         let mut upstream = self
-            .send(&method, &url, &headers, outgoing.next_body(), None)
+            .send(
+                &method,
+                &url,
+                &headers,
+                outgoing.next_body(),
+                token.as_ref(),
+            )
             .await?;
         let rejected = matches!(
             upstream.status(),
