@@ -150,7 +150,8 @@ impl Instance {
             status.clone(),
             metrics.clone(),
             activity.clone(),
-        );
+        )
+        .expect("the rotation lock file opens");
         let rotating_at_start = rotator.is_rotating();
         let source = rotator.source();
         let cancel = CancellationToken::new();

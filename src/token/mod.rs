@@ -97,7 +97,8 @@ impl TokenSetup {
                     status.clone(),
                     metrics.clone(),
                     activity.clone(),
-                );
+                )
+                .map_err(|err| ConfigError::var("DATABRICKS_CONFIG_FILE", err))?;
                 Ok(Self {
                     source: Arc::new(rotator.source()),
                     status,

@@ -84,7 +84,7 @@ impl Engine {
         status: StatusCell,
         metrics: Metrics,
         activity: Activity,
-    ) -> Self {
+    ) -> Result<Self, LockError> {
         let plan = RotationPlan::new(config.lifetime, config.interval, config.idle_policy);
         let probe = match &config.sessions_url {
             Some(url) => SessionProbe::Url {
@@ -120,10 +120,14 @@ impl Engine {
             config,
         };
         let now = SystemTime::now();
-        if !engine.try_lock() {
+        let locked = engine.try_lock().map_err(|source| LockError {
+            path: engine.lock_path.clone(),
+            source,
+        })?;
+        if !locked {
             engine.start_following(now);
         }
-        engine
+        Ok(engine)
     }
 
     pub(super) fn is_rotating(&self) -> bool {
@@ -148,7 +152,7 @@ impl Engine {
             let now = SystemTime::now();
             if !self.is_rotating() {
                 self.follow(now);
-                if self.try_lock() {
+                if self.poll_lock() {
                     tracing::info!(
                         config_file = %self.config.config_file.display(),
                         "took over rotation: the previous holder of the lock is gone"
@@ -208,20 +212,44 @@ impl Engine {
     }
 
     /// Take the rotation lock if it is free; on success, resume from the state file.
-    fn try_lock(&mut self) -> bool {
-        match RotationLock::try_acquire(&self.lock_path) {
-            Ok(Some(lock)) => {
+    fn try_lock(&mut self) -> std::io::Result<bool> {
+        match RotationLock::try_acquire(&self.lock_path)? {
+            Some(lock) => {
                 self.lock = Some(lock);
                 self.take_over(SystemTime::now());
-                true
+                Ok(true)
             }
-            Ok(None) => false,
+            None => Ok(false),
+        }
+    }
+
+    /// [`Self::try_lock`] while following: a lock file that cannot be opened is reported once
+    /// (log, `/health` degraded, `/ready` 503) until it can be opened again, since this process
+    /// could not take over if the holder stopped.
+    fn poll_lock(&mut self) -> bool {
+        let result = self.try_lock();
+        let failing = self.status.get().lock_error.is_some();
+        match result {
+            Ok(locked) => {
+                if failing {
+                    tracing::info!(
+                        lock = %self.lock_path.display(),
+                        "the rotation lock file can be opened again"
+                    );
+                    self.status.update(|s| s.lock_error = None);
+                }
+                locked
+            }
             Err(err) => {
-                tracing::warn!(
-                    lock = %self.lock_path.display(),
-                    error = %err,
-                    "cannot open the rotation lock file; following the config file"
-                );
+                if !failing {
+                    tracing::error!(
+                        lock = %self.lock_path.display(),
+                        error = %err,
+                        "cannot open the rotation lock file: this process cannot take over rotation; fix the file or its directory (owner, mode, a link in its place)"
+                    );
+                    let reason = format!("{}: {err}", self.lock_path.display());
+                    self.status.update(|s| s.lock_error = Some(reason));
+                }
                 false
             }
         }
@@ -792,6 +820,20 @@ impl Engine {
             s.rotating = rotating;
         });
     }
+}
+
+/// The rotation lock file exists or must be created, and cannot be opened: at start, this is a
+/// configuration error rather than a reason to follow silently.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot open the rotation lock file {}: {source}; fix its owner or mode, or its directory's (a link in its place is refused)",
+    path.display()
+)]
+pub struct LockError {
+    /// The lock file.
+    pub path: PathBuf,
+    /// Why it cannot be opened.
+    pub source: std::io::Error,
 }
 
 fn minted_held(token: Token, saved: &SavedToken) -> Held {
