@@ -11,9 +11,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::binary::{ProxyProcess, command};
-use common::http_client;
+use common::fake_workspace::FakeWorkspace;
 use common::unprivileged::Unprivileged;
-use serde_json::Value;
+use common::{JsonBody, http_client};
+use serde_json::{Value, json};
 
 const CONFIG: &str = "[DEFAULT]\nhost = http://127.0.0.1:9\ntoken = dapi-in-file-0001\n";
 
@@ -153,4 +154,37 @@ async fn a_lock_file_that_stops_opening_later_degrades_health_once() {
     }
     assert!(proxy.logs().contains("can be opened again"));
     drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_config_file_with_host_and_token_in_the_environment_starts_and_serves() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(600));
+    let home = tempfile::tempdir().unwrap();
+    let cfg = home.path().join(".databrickscfg");
+    let torn: &[u8] = b"[DEFAULT\nhost = https://h\ntoken = caf\xe9";
+    std::fs::write(&cfg, torn).unwrap();
+
+    let mut cmd = command(home.path());
+    cmd.env("DATABRICKS_HOST", ws.url())
+        .env("DATABRICKS_TOKEN", &pat.value);
+    let proxy = tokio::task::spawn_blocking(move || ProxyProcess::start(cmd))
+        .await
+        .unwrap();
+    let res = http_client()
+        .post(format!("{}/chat/invocations", proxy.url()))
+        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let (status, health) = get_json(format!("{}/health", proxy.url())).await;
+    assert_eq!(status, 200);
+    assert_ne!(health["token"]["state"], "missing", "{health}");
+    let logs = proxy.logs();
+    assert!(logs.contains("not UTF-8 text"), "{logs}");
+    assert!(logs.contains("starting from DATABRICKS_HOST"), "{logs}");
+    // The torn file is left for a person to repair, not edited further.
+    assert_eq!(std::fs::read(&cfg).unwrap(), torn);
+    assert!(!logs.contains(&pat.value));
 }

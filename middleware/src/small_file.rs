@@ -112,12 +112,8 @@ pub fn read(path: &Path, links: Links) -> io::Result<Vec<u8>> {
 
 /// [`read`], as UTF-8 text (`InvalidData` if it is not).
 pub fn read_to_string(path: &Path, links: Links) -> io::Result<String> {
-    String::from_utf8(read(path, links)?).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            "stream did not contain valid UTF-8",
-        )
-    })
+    String::from_utf8(read(path, links)?)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 fn too_large() -> io::Error {

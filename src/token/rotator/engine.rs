@@ -592,8 +592,15 @@ impl Engine {
         let host_missing = match databrickscfg::read_profile(path, &self.config.profile) {
             Ok(profile) => profile.host.is_none(),
             Err(ConfigFileError::MissingProfile { .. }) => true,
-            Err(ConfigFileError::Io { source, .. }) => {
-                source.kind() == std::io::ErrorKind::NotFound
+            Err(ConfigFileError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                true
+            }
+            // Torn, not text, not a regular file: editing it could only make it worse. The
+            // write is retried, and succeeds once someone repairs the file.
+            Err(err @ (ConfigFileError::Parse { .. } | ConfigFileError::Io { .. })) => {
+                return Err(std::io::Error::other(format!("{err}; left as it is")));
             }
             Err(_) => false,
         };
