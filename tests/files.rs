@@ -188,3 +188,43 @@ async fn a_torn_config_file_with_host_and_token_in_the_environment_starts_and_se
     assert_eq!(std::fs::read(&cfg).unwrap(), torn);
     assert!(!logs.contains(&pat.value));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_in_place_of_the_followed_config_file_holds_up_no_request() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(600));
+    let home = tempfile::tempdir().unwrap();
+    let cfg = home.path().join(".databrickscfg");
+    std::fs::write(
+        &cfg,
+        format!("[DEFAULT]\nhost = {}\ntoken = {}\n", ws.url(), pat.value),
+    )
+    .unwrap();
+    let mut cmd = command(home.path());
+    cmd.env("PAT_ROTATION", "off");
+    let proxy = tokio::task::spawn_blocking(move || ProxyProcess::start(cmd))
+        .await
+        .unwrap();
+
+    // Nobody ever writes to this FIFO: a read that waits for a writer waits forever.
+    std::fs::remove_file(&cfg).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(&cfg).status();
+    assert!(made.unwrap().success());
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    for _ in 0..3 {
+        let (status, health) = get_json(format!("{}/health", proxy.url())).await;
+        assert_eq!(status, 200);
+        assert_eq!(health["token"]["state"], "fresh", "{health}");
+        let res = http_client()
+            .post(format!("{}/chat/invocations", proxy.url()))
+            .timeout(Duration::from_secs(5))
+            .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .expect("an answer within 5 s");
+        assert_eq!(res.status(), 200);
+    }
+    let logs = proxy.logs();
+    assert!(logs.contains("not a regular file (a FIFO)"), "{logs}");
+}
