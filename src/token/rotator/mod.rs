@@ -59,6 +59,7 @@
 pub mod api;
 mod engine;
 pub mod lock;
+pub mod persistence;
 pub mod schedule;
 pub mod sessions;
 pub mod sinks;
