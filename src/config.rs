@@ -259,6 +259,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Client connections and the trust boundary.
     pub clients: ClientSettings,
+    /// Problems that did not stop the start, to log once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 /// Invalid configuration: one message naming the variable or file and what is wrong.
@@ -316,6 +318,7 @@ impl Config {
                 })?,
         };
         let profile_name = cli.databricks_config_profile.trim().to_owned();
+        let mut warnings = Vec::new();
         // Why there is no profile to take settings from, for the messages that need one.
         let (profile, absent) = match databrickscfg::read_profile(&config_file, &profile_name) {
             Ok(profile) => (profile, None),
@@ -328,6 +331,14 @@ impl Config {
             Err(ConfigFileError::MissingProfile { .. }) => {
                 let why = format!("{} has no profile [{profile_name}]", config_file.display());
                 (Profile::default(), Some(why))
+            }
+            // The environment alone names the workspace and a credential: a torn or
+            // unreadable file is no reason to stay down.
+            Err(err) if environment_suffices(cli, secrets) => {
+                warnings.push(format!(
+                    "{err}; starting from DATABRICKS_HOST and the credential in the environment"
+                ));
+                (Profile::default(), Some(err.to_string()))
             }
             Err(err) => return Err(ConfigError(err.to_string())),
         };
@@ -434,6 +445,7 @@ impl Config {
             },
             log_format: cli.log_format,
             clients: ClientSettings::from_args(&cli.clients)?,
+            warnings,
         })
     }
 }
@@ -481,6 +493,14 @@ fn token_mode(
             ))),
         },
     }
+}
+
+/// Whether `DATABRICKS_HOST` and a credential (`DATABRICKS_TOKEN`, or a client id and
+/// secret) are all set outside the config file.
+fn environment_suffices(cli: &Cli, secrets: &Secrets) -> bool {
+    let set = |value: &Option<String>| value.as_deref().is_some_and(|v| !v.trim().is_empty());
+    set(&cli.databricks_host)
+        && (set(&secrets.token) || (set(&cli.databricks_client_id) && set(&secrets.client_secret)))
 }
 
 fn expand_home(path: &std::path::Path, home: Option<&std::path::Path>) -> PathBuf {
@@ -761,12 +781,37 @@ mod tests {
                 expect: Err(&["DATABRICKS_TOKEN"]),
             },
             Case {
-                name: "torn config file",
+                name: "torn config file, host only in the file",
                 file: Some("[DEFAULT\nhost = https://h\n"),
                 args: &[],
                 token: Some("dapi-env"),
                 client_secret: None,
+                expect: Err(&[".databrickscfg", "not a valid config file", "line "]),
+            },
+            Case {
+                name: "torn config file, token only in the file",
+                file: Some("[DEFAULT\nhost = https://h\n"),
+                args: &["--databricks-host", "https://h"],
+                token: None,
+                client_secret: None,
                 expect: Err(&[".databrickscfg", "not a valid config file"]),
+            },
+            Case {
+                name: "torn config file, host and token in the environment",
+                file: Some("[DEFAULT\nhost = https://h\n"),
+                args: &["--databricks-host", "https://env-host"],
+                token: Some("dapi-env"),
+                client_secret: None,
+                expect: Ok(|c| {
+                    assert_eq!(c.host.as_str(), "https://env-host/");
+                    assert!(matches!(
+                        c.token_mode,
+                        TokenMode::Rotate { env_token: Some(_) }
+                    ));
+                    assert_eq!(c.warnings.len(), 1);
+                    assert!(c.warnings[0].contains("not a valid config file"));
+                    assert!(c.warnings[0].contains("DATABRICKS_HOST"));
+                }),
             },
             Case {
                 name: "rotation forced on without a PAT",
@@ -799,6 +844,48 @@ mod tests {
                 (Err(err), Ok(_)) => panic!("{}: unexpected error {err}", case.name),
             }
         }
+    }
+
+    #[test]
+    fn a_non_utf8_config_file_gives_way_to_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(".databrickscfg"),
+            b"[DEFAULT]\nhost = caf\xe9\n",
+        )
+        .unwrap();
+        let load = |args: &[&str], client_secret: Option<&str>| {
+            let argv = std::iter::once("fresh-proxy").chain(args.iter().copied());
+            let secrets = Secrets {
+                token: None,
+                client_secret: client_secret.map(str::to_owned),
+            };
+            Config::load(
+                &Cli::try_parse_from(argv).unwrap(),
+                &secrets,
+                Some(dir.path().to_owned()),
+            )
+        };
+        let with_env = [
+            "--databricks-host",
+            "https://env-host",
+            "--databricks-client-id",
+            "sp-1",
+        ];
+        let config = load(&with_env, Some("secret-1")).unwrap();
+        assert!(matches!(&config.token_mode, TokenMode::OAuth { .. }));
+        assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+        assert!(
+            config.warnings[0].contains("not UTF-8"),
+            "{:?}",
+            config.warnings
+        );
+        // Without the secret the environment is not enough: the file's problem is the answer.
+        let err = load(&with_env, None).unwrap_err().to_string();
+        assert!(
+            err.contains(".databrickscfg") && err.contains("UTF-8"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -51,6 +51,9 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format, filter);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let connections = connection_limits(&config);
     // This runtime accepts connections; requests are served by the worker threads of
     // `fresh_proxy::server`, and the token machinery runs on a thread of its own, each with a

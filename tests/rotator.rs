@@ -150,7 +150,8 @@ impl Instance {
             status.clone(),
             metrics.clone(),
             activity.clone(),
-        );
+        )
+        .expect("the rotation lock file opens");
         let rotating_at_start = rotator.is_rotating();
         let source = rotator.source();
         let cancel = CancellationToken::new();
@@ -558,10 +559,12 @@ async fn a_torn_config_file_never_stops_service() {
     // token in memory but does not revoke the one the file's readers still hold.
     leader.wait_rotations(rotations + 1).await;
     assert!(follower.source.current().is_some());
+    assert!(leader.status.get().persist_failed);
     // The foreign writer finishes its write; the rotation after that reaches the follower.
     std::fs::write(&setup.config_file, &text).unwrap();
     let repaired = leader.rotations();
     leader.wait_rotations(repaired + 1).await;
+    assert!(!leader.status.get().persist_failed);
     wait_until(DEADLINE, "the follower in step again", || async {
         let (a, b) = (leader.source.current(), follower.source.current());
         a.zip(b).is_some_and(|(a, b)| a.same_secret(&b))
@@ -574,7 +577,7 @@ async fn a_torn_config_file_never_stops_service() {
     assert!(follower.source.current().is_some());
     leader.stop().await;
     follower.stop().await;
-    assert!(logs().contains("the previous token is not revoked"));
+    assert!(logs().contains("the new token cannot be saved"));
     assert_no_secret_in_logs(seen.iter().chain([&setup.bootstrap]));
 }
 
@@ -722,4 +725,69 @@ async fn a_restart_after_the_minted_token_expired_makes_no_call_with_it() {
         "the expired token is not handed to the proxy"
     );
     second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_new_token_cannot_be_saved_minting_pauses_and_unsaved_tokens_are_revoked() {
+    let setup = Setup::new().await;
+    let dir = setup.config_file.parent().unwrap().to_owned();
+    // A sink that cannot take the token (root writes anywhere, but not into a broken document).
+    let sink = dir.join("settings.json");
+    std::fs::write(&sink, "{ not json").unwrap();
+    // Lifetime 4 s, interval 1 s: margin 3 s. Unsaved, a token is replaced 1.5 s before expiry
+    // (every 2.5 s) instead of every second.
+    let mut config = setup.config(4, 1_000, 200);
+    config.sinks = parse_sinks(&format!("json:{}:/env/TOKEN", sink.display())).unwrap();
+    let rotator = Instance::launch(config, None);
+    rotator.wait_rotations(1).await;
+    wait_until(DEADLINE, "persist_failed reported", || async {
+        rotator.status.get().persist_failed
+    })
+    .await;
+
+    // Six seconds that would hold six rotations, and six live tokens, without the pause.
+    let started = rotator.rotations();
+    let mut most_live = 0;
+    for _ in 0..60 {
+        most_live = most_live.max(setup.live_minted().len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rotated = rotator.rotations() - started;
+    assert!((1..=3).contains(&rotated), "{rotated} rotations in 6 s");
+    // The held token, and the one before it during its 200 ms grace.
+    assert!(most_live <= 2, "{most_live} live tokens");
+    assert!(rotator.status.get().persist_failed);
+    let text = rotator.metrics.render(None);
+    let failures: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fresh_proxy_persist_failures_total "))
+        .expect("the metric")
+        .parse()
+        .unwrap();
+    assert!(failures >= rotated as f64, "{text}");
+    // The config file and the state file were written; the bootstrap token in the sink's
+    // readers' hands (the files as a whole) is left alive.
+    assert!(setup.workspace.is_live(&setup.bootstrap));
+    // Other tests share the log capture: count this test's lines only.
+    let here = setup.config_file.display().to_string();
+    let reports = logs()
+        .lines()
+        .filter(|l| l.contains("the new token cannot be saved") && l.contains(&here))
+        .count();
+    assert_eq!(reports, 1, "reported once");
+
+    // Repaired: the next attempt saves the held token, and minting resumes its schedule.
+    std::fs::write(&sink, "{}\n").unwrap();
+    wait_until(DEADLINE, "persist_failed cleared", || async {
+        !rotator.status.get().persist_failed
+    })
+    .await;
+    wait_until(DEADLINE, "the sink holding the token in use", || async {
+        let held = rotator.source.current().unwrap();
+        let text = std::fs::read_to_string(&sink).unwrap();
+        text.contains(held.expose_secret())
+    })
+    .await;
+    assert!(logs().contains("the token is saved again"));
+    rotator.stop().await;
 }

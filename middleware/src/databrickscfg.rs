@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 
 use ini::{Ini, ParseOption};
 
+use crate::small_file::{self, Links};
 use crate::token::{InvalidToken, Token};
 
 /// The keys of one profile that this crate and the proxy use.
@@ -100,12 +101,14 @@ pub enum ConfigFileError {
     },
 }
 
-/// Read `profile` from the file at `path`.
+/// Read `profile` from the file at `path`: a regular file (a link to one is followed) of at
+/// most [`small_file::MAX_LEN`] bytes, opened without blocking on a FIFO.
 pub fn read_profile(path: &Path, profile: &str) -> Result<Profile, ConfigFileError> {
-    let text = fs::read_to_string(path).map_err(|source| ConfigFileError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text =
+        small_file::read_to_string(path, Links::Follow).map_err(|source| ConfigFileError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
     parse_profile(&text, profile).map_err(|err| err.at(path))
 }
 
@@ -190,7 +193,7 @@ impl ConfigFileError {
 /// file it points to is updated and the link stays.
 pub fn update_profile(path: &Path, profile: &str, updates: &[(&str, &str)]) -> io::Result<()> {
     let target = resolve_link(path)?;
-    let current = match fs::read_to_string(&target) {
+    let current = match small_file::read_to_string(&target, Links::Follow) {
         Ok(text) => text,
         Err(err) if err.kind() == io::ErrorKind::NotFound => String::new(),
         Err(err) => return Err(err),

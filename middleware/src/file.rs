@@ -225,6 +225,16 @@ impl Inner {
     }
 }
 
+impl ConfigFileToken {
+    /// Re-read the file now, whatever its identity: what [`TokenSource::refresh`] does, as a
+    /// plain blocking call for a background task that keeps file reads off the request path.
+    pub fn read_now(&self) -> Option<Token> {
+        let _reload = self.inner.reload.lock().unwrap_or_else(|e| e.into_inner());
+        let identity = FileIdentity::of(&self.inner.path);
+        self.inner.reload(identity, Instant::now())
+    }
+}
+
 impl TokenSource for ConfigFileToken {
     fn current(&self) -> Option<Token> {
         self.current_at(Instant::now())

@@ -76,6 +76,8 @@ pub mod databrickscfg;
 #[cfg(feature = "config-file")]
 mod file;
 mod layer;
+#[cfg(feature = "config-file")]
+pub mod small_file;
 mod source;
 mod token;
 

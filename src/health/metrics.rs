@@ -125,6 +125,7 @@ pub struct Metrics {
     rotations: Family<ResultLabel, Counter>,
     token_expiry: Gauge<f64, AtomicU64>,
     filter_actions: Family<KindLabel, Counter>,
+    persist_failures: Counter,
     registry: std::sync::Arc<Registry>,
 }
 
@@ -160,7 +161,13 @@ impl Metrics {
                 kind: action.as_str(),
             });
         }
+        let persist_failures = Counter::default();
         let mut registry = Registry::with_prefix("fresh_proxy");
+        registry.register(
+            "persist_failures",
+            "Attempts to save a new token (config file, state file, sinks) that failed",
+            persist_failures.clone(),
+        );
         registry.register(
             "requests",
             "Proxied requests by response status class",
@@ -198,6 +205,7 @@ impl Metrics {
             rotations,
             token_expiry,
             filter_actions,
+            persist_failures,
             registry: std::sync::Arc::new(registry),
         }
     }
@@ -244,6 +252,12 @@ impl Metrics {
                 self.filter_action(action, count);
             }
         }
+    }
+
+    /// Count one failed attempt to save a new token to the config file, the state file or a
+    /// sink.
+    pub fn persist_failure(&self) {
+        self.persist_failures.inc();
     }
 
     /// Prometheus text exposition, with the token gauge set to `seconds_to_expiry`. An unknown
@@ -305,6 +319,7 @@ mod tests {
         metrics.rotation(RotationResult::Ok);
         metrics.filter_action(FilterAction::EmptyTextDropped, 3);
         metrics.upstream_latency(0.004);
+        metrics.persist_failure();
         let text = metrics.render(Some(812));
         for line in [
             "fresh_proxy_requests_total{class=\"2xx\"} 2",
@@ -314,6 +329,7 @@ mod tests {
             "fresh_proxy_filter_actions_total{kind=\"empty_text_dropped\"} 3",
             "fresh_proxy_token_seconds_to_expiry 812.0",
             "fresh_proxy_upstream_latency_seconds_count 1",
+            "fresh_proxy_persist_failures_total 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -58,8 +58,8 @@ pub(crate) async fn health(State(app): State<HealthState>) -> Json<serde_json::V
     let status = token_status(&app, now);
     let state = status.state_at(now);
     let overall = match state {
-        TokenState::Fresh | TokenState::Expiring => "ok",
-        TokenState::Expired | TokenState::Missing => "degraded",
+        TokenState::Fresh | TokenState::Expiring if !status.files_failing() => "ok",
+        _ => "degraded",
     };
     Json(json!({
         "status": overall,
@@ -71,6 +71,8 @@ pub(crate) async fn health(State(app): State<HealthState>) -> Json<serde_json::V
             "last_rotation": rfc3339(status.last_rotation),
             "rotations": status.rotations,
             "rotating": status.rotating,
+            "persist_failed": status.persist_failed,
+            "lock_error": status.lock_error,
         },
     }))
 }
@@ -79,12 +81,16 @@ pub(crate) async fn health(State(app): State<HealthState>) -> Json<serde_json::V
 pub(crate) async fn ready(State(app): State<HealthState>) -> Response {
     let now = SystemTime::now();
     let status = token_status(&app, now);
-    let reason = match status.state_at(now) {
-        TokenState::Fresh | TokenState::Expiring => {
+    let reason = match (status.state_at(now), &status.lock_error) {
+        // Serving works for now, but no one here can rotate when the holder of the lock stops.
+        (TokenState::Fresh | TokenState::Expiring, Some(error)) => {
+            format!("the rotation lock file cannot be opened: {error}")
+        }
+        (TokenState::Fresh | TokenState::Expiring, None) => {
             return Json(json!({ "status": "ready" })).into_response();
         }
-        TokenState::Missing => "no token is available",
-        TokenState::Expired => "the token has expired",
+        (TokenState::Missing, _) => "no token is available".to_owned(),
+        (TokenState::Expired, _) => "the token has expired".to_owned(),
     };
     (
         StatusCode::SERVICE_UNAVAILABLE,

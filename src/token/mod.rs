@@ -1,6 +1,7 @@
 //! The token machinery: choosing and starting, for a [`Config`], the rotator, OAuth, or a
 //! follower of the config file, and the status they publish for `/health`.
 
+pub mod follower;
 pub mod oauth;
 pub mod rotator;
 pub mod status;
@@ -8,12 +9,14 @@ pub mod status;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
-use fresh_token::{ConfigFileToken, FirstAvailable, StaticToken, TokenSource};
+use fresh_token::{ConfigFileToken, TokenSource};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, TokenMode};
 use crate::health::metrics::Metrics;
+use crate::token::follower::FileFollower;
 use crate::token::oauth::{OAuthConfig, OAuthSource};
 use crate::token::rotator::{Rotator, RotatorConfig, parse_sinks};
 use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
@@ -52,16 +55,17 @@ impl TokenSetup {
             TokenMode::Follow { env_token } => {
                 drop(client);
                 let file = ConfigFileToken::new(&config.config_file, &config.profile);
-                let mut sources: Vec<Arc<dyn TokenSource>> = vec![Arc::new(file)];
-                if let Some(token) = env_token {
-                    sources.push(Arc::new(StaticToken::new(token.clone())));
-                }
+                // Well inside the rotator's revoke grace, so a follower never holds a revoked
+                // token for long; a rejected request re-reads at once anyway.
+                let poll = (config.rotation.revoke_grace / 4)
+                    .clamp(Duration::from_millis(50), Duration::from_secs(1));
+                let (follower, source) = FileFollower::new(file, env_token.clone(), poll);
                 Ok(Self {
-                    source: Arc::new(FirstAvailable::new(sources)),
+                    source: Arc::new(source),
                     status: StatusCell::new(TokenStatus::new(SourceKind::File)),
                     metrics,
                     activity,
-                    task: None,
+                    task: Some(Box::new(move |cancel| Box::pin(follower.run(cancel)))),
                 })
             }
             TokenMode::Rotate { env_token } => {
@@ -94,7 +98,8 @@ impl TokenSetup {
                     status.clone(),
                     metrics.clone(),
                     activity.clone(),
-                );
+                )
+                .map_err(|err| ConfigError::var("DATABRICKS_CONFIG_FILE", err))?;
                 Ok(Self {
                     source: Arc::new(rotator.source()),
                     status,
@@ -130,8 +135,8 @@ impl TokenSetup {
         }
     }
 
-    /// The background task (rotation or OAuth refresh); returns when `cancel` fires. Followers
-    /// have none and return at once.
+    /// The background task (rotation, OAuth refresh, or following the config file); returns
+    /// when `cancel` fires.
     pub async fn run(self, cancel: CancellationToken) {
         if let Some(task) = self.task {
             task(cancel).await;

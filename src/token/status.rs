@@ -56,6 +56,12 @@ pub struct TokenStatus {
     pub rotations: u64,
     /// Whether this process holds the rotation lock.
     pub rotating: bool,
+    /// Why the rotation lock file cannot be opened, while it cannot: this process could not
+    /// take over rotation if the holder stopped. A path and an OS error, never a secret.
+    pub lock_error: Option<String>,
+    /// The token in use has not reached the config file, the state file or a sink: readers
+    /// of those files still hold an older token, and a restart would not know this one.
+    pub persist_failed: bool,
 }
 
 impl TokenStatus {
@@ -69,7 +75,15 @@ impl TokenStatus {
             last_rotation: None,
             rotations: 0,
             rotating: false,
+            lock_error: None,
+            persist_failed: false,
         }
+    }
+
+    /// Whether something needs a person although the token itself may be fine: the lock file
+    /// cannot be opened, or new tokens cannot be saved.
+    pub fn files_failing(&self) -> bool {
+        self.lock_error.is_some() || self.persist_failed
     }
 
     /// The state at `now`.

@@ -6,5 +6,7 @@
 
 pub mod binary;
 pub mod harness;
+#[cfg(unix)]
+pub mod unprivileged;
 
 pub use fresh_test_support::*;

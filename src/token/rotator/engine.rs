@@ -14,12 +14,13 @@ use crate::token::status::{Activity, SourceKind, StatusCell};
 use super::RotatorConfig;
 use super::api::{ApiError, Deleted, MintedToken, TokenApi};
 use super::lock::RotationLock;
+use super::persistence::{self, MintedRef, Users};
 use super::schedule::{
     Action, HeldToken, PendingRevoke, RotationPlan, ScheduleState, Sessions, next_action,
     prune_revokes,
 };
 use super::sessions::SessionProbe;
-use super::sinks::SinkOutcome;
+use super::sinks::{SinkOutcome, SinkPermissions};
 use super::state::{self, SavedRevoke, SavedState, SavedToken, fingerprint, from_ms, to_ms};
 
 /// Where the held token came from.
@@ -74,6 +75,12 @@ pub(super) struct Engine {
     retry_at: Option<SystemTime>,
     bootstrap: Bootstrap,
     reported_expired: bool,
+    /// While the held token is not saved: when to try again.
+    persist_retry_at: Option<SystemTime>,
+    persist_attempts: u32,
+    /// While the held token is not saved: the token minted here that the files still hold.
+    in_files: Option<SavedToken>,
+    sink_permissions: SinkPermissions,
 }
 
 impl Engine {
@@ -84,7 +91,7 @@ impl Engine {
         status: StatusCell,
         metrics: Metrics,
         activity: Activity,
-    ) -> Self {
+    ) -> Result<Self, LockError> {
         let plan = RotationPlan::new(config.lifetime, config.interval, config.idle_policy);
         let probe = match &config.sessions_url {
             Some(url) => SessionProbe::Url {
@@ -116,14 +123,22 @@ impl Engine {
             retry_at: None,
             bootstrap: Bootstrap::NotChecked,
             reported_expired: false,
+            persist_retry_at: None,
+            persist_attempts: 0,
+            in_files: None,
+            sink_permissions: SinkPermissions::default(),
             plan,
             config,
         };
         let now = SystemTime::now();
-        if !engine.try_lock() {
+        let locked = engine.try_lock().map_err(|source| LockError {
+            path: engine.lock_path.clone(),
+            source,
+        })?;
+        if !locked {
             engine.start_following(now);
         }
-        engine
+        Ok(engine)
     }
 
     pub(super) fn is_rotating(&self) -> bool {
@@ -148,7 +163,7 @@ impl Engine {
             let now = SystemTime::now();
             if !self.is_rotating() {
                 self.follow(now);
-                if self.try_lock() {
+                if self.poll_lock() {
                     tracing::info!(
                         config_file = %self.config.config_file.display(),
                         "took over rotation: the previous holder of the lock is gone"
@@ -183,6 +198,7 @@ impl Engine {
                         () = cancel.cancelled() => return,
                     }
                 }
+                Action::Persist => self.persist_again(now),
                 Action::Revoke { token_id } => {
                     tokio::select! {
                         () = self.revoke(&token_id, now) => {}
@@ -208,20 +224,44 @@ impl Engine {
     }
 
     /// Take the rotation lock if it is free; on success, resume from the state file.
-    fn try_lock(&mut self) -> bool {
-        match RotationLock::try_acquire(&self.lock_path) {
-            Ok(Some(lock)) => {
+    fn try_lock(&mut self) -> std::io::Result<bool> {
+        match RotationLock::try_acquire(&self.lock_path)? {
+            Some(lock) => {
                 self.lock = Some(lock);
                 self.take_over(SystemTime::now());
-                true
+                Ok(true)
             }
-            Ok(None) => false,
+            None => Ok(false),
+        }
+    }
+
+    /// [`Self::try_lock`] while following: a lock file that cannot be opened is reported once
+    /// (log, `/health` degraded, `/ready` 503) until it can be opened again, since this process
+    /// could not take over if the holder stopped.
+    fn poll_lock(&mut self) -> bool {
+        let result = self.try_lock();
+        let failing = self.status.get().lock_error.is_some();
+        match result {
+            Ok(locked) => {
+                if failing {
+                    tracing::info!(
+                        lock = %self.lock_path.display(),
+                        "the rotation lock file can be opened again"
+                    );
+                    self.status.update(|s| s.lock_error = None);
+                }
+                locked
+            }
             Err(err) => {
-                tracing::warn!(
-                    lock = %self.lock_path.display(),
-                    error = %err,
-                    "cannot open the rotation lock file; following the config file"
-                );
+                if !failing {
+                    tracing::error!(
+                        lock = %self.lock_path.display(),
+                        error = %err,
+                        "cannot open the rotation lock file: this process cannot take over rotation; fix the file or its directory (owner, mode, a link in its place)"
+                    );
+                    let reason = format!("{}: {err}", self.lock_path.display());
+                    self.status.update(|s| s.lock_error = Some(reason));
+                }
                 false
             }
         }
@@ -300,6 +340,10 @@ impl Engine {
         }
         self.retry_at = None;
         self.mint_attempts = 0;
+        self.persist_retry_at = None;
+        self.persist_attempts = 0;
+        self.in_files = None;
+        self.status.update(|s| s.persist_failed = false);
         self.save_state();
         self.update_status();
     }
@@ -398,6 +442,29 @@ impl Engine {
                 expires_at: previous.expires_at,
             });
         }
+        // The files hold the adopted token now, not the one of ours they held while ours
+        // could not be saved.
+        if let Some(files) = self
+            .in_files
+            .take()
+            .filter(|files| files.fingerprint != fingerprint(&token))
+        {
+            let files = minted_ref(&files);
+            let before = Users {
+                held: None,
+                in_files: Some(&files),
+            };
+            for revoke in
+                persistence::no_longer_used(now, self.config.revoke_grace, before, Users::default())
+            {
+                self.revokes.retain(|r| r.token_id != revoke.token_id);
+                self.revokes.push(revoke);
+            }
+        }
+        if self.persist_retry_at.take().is_some() {
+            self.persist_attempts = 0;
+            self.status.update(|s| s.persist_failed = false);
+        }
         let held = match &self.saved.current {
             Some(saved) if saved.fingerprint == fingerprint(&token) => minted_held(token, saved),
             _ => adopted_held(token, Origin::File, now),
@@ -426,6 +493,7 @@ impl Engine {
             sessions,
             retry_at: self.retry_at,
             revokes: &self.revokes,
+            persist_retry_at: self.persist_retry_at,
         };
         let active = next_action(now, state(Sessions::Active), &self.plan);
         let idle = next_action(now, state(Sessions::Idle), &self.plan);
@@ -471,38 +539,19 @@ impl Engine {
             created_at_ms: to_ms(minted.created_at),
             expires_at_ms: minted.expires_at.map(to_ms),
         };
-        // 1. The state file first: from here on a crash leaks nothing (a restart revokes
-        //    whichever of the two tokens the config file does not hold).
-        self.saved.previous = self.saved.current.take().filter(|p| {
+        let held_before = self.saved.current.take().filter(|p| {
             previous.origin == Origin::Minted && p.fingerprint == fingerprint(&previous.token)
         });
-        self.saved.current = Some(new_saved);
-        let mut persisted = self.save_state();
-        // 2. The config file and the sinks.
-        if let Err(err) = self.write_config(&minted.token) {
-            persisted = false;
-            tracing::error!(
-                config_file = %self.config.config_file.display(),
-                error = %err,
-                "cannot write the new token to the config file"
-            );
-        }
-        for sink in &self.config.sinks {
-            match sink.write(&minted.token) {
-                Ok(SinkOutcome::Written) => {}
-                Ok(SinkOutcome::Rewritten) => tracing::warn!(
-                    sink = %sink,
-                    "sink rewritten whole (its layout does not allow an in-place edit): comments were not kept"
-                ),
-                Ok(SinkOutcome::Missing) => {
-                    tracing::warn!(sink = %sink, "sink file missing; skipped")
-                }
-                Err(err) => {
-                    persisted = false;
-                    tracing::error!(sink = %sink, error = %err, "cannot write the new token to a sink");
-                }
-            }
-        }
+        let files_before = match self.persist_retry_at {
+            None => held_before.clone(),
+            Some(_) => self.in_files.clone(),
+        };
+        // 1. The state file first: from here on a crash leaks nothing (a restart revokes
+        //    whichever of the two tokens the config file does not hold).
+        self.saved.previous = files_before.clone();
+        self.saved.current = Some(new_saved.clone());
+        // 2. The state file, the config file and the sinks.
+        let persisted = self.persist(&minted.token, true);
         // 3. Publish.
         self.shared.publish(minted.token.clone());
         let previous_id = match previous.origin {
@@ -529,34 +578,149 @@ impl Engine {
             s.rotations += 1;
         });
         self.update_status();
-        // 4. The previous token goes after the grace period, unless something still holds it.
-        let mut kept = None;
-        if let Some(token_id) = previous_id.clone() {
-            if persisted {
-                self.revokes.retain(|r| r.token_id != token_id);
-                self.revokes.push(PendingRevoke {
-                    token_id,
-                    due: now + self.config.revoke_grace,
-                    expires_at: previous.expires_at,
-                });
-            } else {
-                kept = Some(token_id);
-            }
+        // 4. Tokens no one uses any more go after the grace period: the previous one once the
+        //    new one is saved, or else only if it never reached the files either.
+        let files_after = if persisted {
+            Some(new_saved.clone())
+        } else {
+            files_before.clone()
+        };
+        let revokes = persistence::no_longer_used(
+            now,
+            self.config.revoke_grace,
+            Users {
+                held: held_before.as_ref().map(minted_ref).as_ref(),
+                in_files: files_before.as_ref().map(minted_ref).as_ref(),
+            },
+            Users {
+                held: Some(&minted_ref(&new_saved)),
+                in_files: files_after.as_ref().map(minted_ref).as_ref(),
+            },
+        );
+        // A bootstrap token identified for PAT_REVOKE_BOOTSTRAP goes once the new one is saved.
+        let bootstrap = match (&previous.origin, &previous_id) {
+            (Origin::Env | Origin::File, Some(id)) if persisted => Some(PendingRevoke {
+                token_id: id.clone(),
+                due: now + self.config.revoke_grace,
+                expires_at: previous.expires_at,
+            }),
+            _ => None,
+        };
+        for revoke in revokes.into_iter().chain(bootstrap) {
+            self.revokes.retain(|r| r.token_id != revoke.token_id);
+            self.revokes.push(revoke);
         }
-        self.saved.previous = None;
-        self.save_state();
+        self.after_persist(persisted, files_after, now);
         tracing::info!(
             token_id = %minted.token_id,
             previous_token_id = previous_id.as_deref().unwrap_or("none"),
             expires_in_s = expires_in_s(minted.expires_at, now),
             "rotated the token"
         );
-        if let Some(token_id) = kept {
-            tracing::warn!(
-                previous_token_id = %token_id,
-                "persisting the new token failed: the previous token is not revoked, so readers of the config file and sinks keep working until it expires"
-            );
+    }
+
+    /// Write `token` to the state file, the config file and the sinks; false if any failed.
+    /// `report`: log each failure as an error (the first attempt) or only at debug level
+    /// (retries, which [`Self::after_persist`] sums up).
+    fn persist(&mut self, token: &Token, report: bool) -> bool {
+        let mut persisted = self.save_state();
+        if let Err(err) = self.write_config(token) {
+            persisted = false;
+            if report {
+                tracing::error!(
+                    config_file = %self.config.config_file.display(),
+                    error = %err,
+                    "cannot write the new token to the config file"
+                );
+            } else {
+                tracing::debug!(error = %err, "the config file still cannot be written");
+            }
         }
+        for sink in &self.config.sinks {
+            self.sink_permissions.check(sink);
+            match sink.write(token) {
+                Ok(SinkOutcome::Written) => {}
+                Ok(SinkOutcome::Rewritten) => tracing::warn!(
+                    sink = %sink,
+                    "sink rewritten whole (its layout does not allow an in-place edit): comments were not kept"
+                ),
+                Ok(SinkOutcome::Missing) => {
+                    tracing::warn!(sink = %sink, "sink file missing; skipped")
+                }
+                Err(err) => {
+                    persisted = false;
+                    if report {
+                        tracing::error!(sink = %sink, error = %err, "cannot write the new token to a sink");
+                    } else {
+                        tracing::debug!(sink = %sink, error = %err, "the sink still cannot be written");
+                    }
+                }
+            }
+        }
+        persisted
+    }
+
+    /// Record the outcome of saving the held token: on failure, count it, schedule another
+    /// attempt and report the change once; on success, clear the failure.
+    fn after_persist(&mut self, persisted: bool, in_files: Option<SavedToken>, now: SystemTime) {
+        if persisted {
+            if self.persist_retry_at.take().is_some() {
+                tracing::info!("the token is saved again: minting resumes its usual schedule");
+            }
+            self.persist_attempts = 0;
+            self.in_files = None;
+            self.saved.previous = None;
+            self.status.update(|s| s.persist_failed = false);
+        } else {
+            self.metrics.persist_failure();
+            let delay = self
+                .plan
+                .backoff
+                .delay(self.persist_attempts, fastrand::f64(), None);
+            self.persist_attempts += 1;
+            if self.persist_retry_at.is_none() {
+                tracing::error!(
+                    config_file = %self.config.config_file.display(),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "the new token cannot be saved: the token in the config file stays alive for its readers, no new token is minted until this one nears expiry, and tokens that never reached the file are revoked"
+                );
+            }
+            self.persist_retry_at = Some(now + delay);
+            self.saved.previous = in_files.clone();
+            self.in_files = in_files;
+            self.status.update(|s| s.persist_failed = true);
+        }
+        self.save_state();
+    }
+
+    /// [`Action::Persist`]: try again to save the held token.
+    fn persist_again(&mut self, now: SystemTime) {
+        let Some(held) = self.held.clone() else {
+            return;
+        };
+        let persisted = self.persist(&held.token, false);
+        if persisted {
+            let held_ref = self.saved.current.as_ref().map(minted_ref);
+            let files_ref = self.in_files.as_ref().map(minted_ref);
+            let revokes = persistence::no_longer_used(
+                now,
+                self.config.revoke_grace,
+                Users {
+                    held: held_ref.as_ref(),
+                    in_files: files_ref.as_ref(),
+                },
+                Users {
+                    held: held_ref.as_ref(),
+                    in_files: held_ref.as_ref(),
+                },
+            );
+            for revoke in revokes {
+                self.revokes.retain(|r| r.token_id != revoke.token_id);
+                self.revokes.push(revoke);
+            }
+        }
+        let in_files = self.in_files.clone();
+        self.after_persist(persisted, in_files, now);
     }
 
     fn write_config(&self, token: &Token) -> std::io::Result<()> {
@@ -564,8 +728,15 @@ impl Engine {
         let host_missing = match databrickscfg::read_profile(path, &self.config.profile) {
             Ok(profile) => profile.host.is_none(),
             Err(ConfigFileError::MissingProfile { .. }) => true,
-            Err(ConfigFileError::Io { source, .. }) => {
-                source.kind() == std::io::ErrorKind::NotFound
+            Err(ConfigFileError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                true
+            }
+            // Torn, not text, not a regular file: editing it could only make it worse. The
+            // write is retried, and succeeds once someone repairs the file.
+            Err(err @ (ConfigFileError::Parse { .. } | ConfigFileError::Io { .. })) => {
+                return Err(std::io::Error::other(format!("{err}; left as it is")));
             }
             Err(_) => false,
         };
@@ -791,6 +962,27 @@ impl Engine {
             s.dead = held.is_some_and(|h| h.dead);
             s.rotating = rotating;
         });
+    }
+}
+
+/// The rotation lock file exists or must be created, and cannot be opened: at start, this is a
+/// configuration error rather than a reason to follow silently.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot open the rotation lock file {}: {source}; fix its owner or mode, or its directory's (a link in its place is refused)",
+    path.display()
+)]
+pub struct LockError {
+    /// The lock file.
+    pub path: PathBuf,
+    /// Why it cannot be opened.
+    pub source: std::io::Error,
+}
+
+fn minted_ref(saved: &SavedToken) -> MintedRef {
+    MintedRef {
+        token_id: saved.token_id.clone(),
+        expires_at: saved.expires_at_ms.map(from_ms),
     }
 }
 

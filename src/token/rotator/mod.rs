@@ -45,7 +45,8 @@
 //!     status,
 //!     Metrics::new(),
 //!     Activity::default(),
-//! );
+//! )
+//! .expect("the lock file can be opened");
 //! let source = rotator.source(); // stack FreshTokenLayer on this
 //! let cancel = CancellationToken::new();
 //! let task = tokio::spawn(rotator.run(cancel.clone()));
@@ -58,6 +59,7 @@
 pub mod api;
 mod engine;
 pub mod lock;
+pub mod persistence;
 pub mod schedule;
 pub mod sessions;
 pub mod sinks;
@@ -73,6 +75,7 @@ use tokio_util::sync::CancellationToken;
 use crate::health::metrics::Metrics;
 use crate::token::status::{Activity, StatusCell};
 
+pub use engine::LockError;
 pub use schedule::IdlePolicy;
 pub use sinks::{Sink, SinkKind, SinkSpecError, parse_sinks};
 
@@ -122,6 +125,9 @@ impl Rotator {
     /// config file's token when the state file says this proxy minted it and it is still live,
     /// then `env_token`, then the profile's token. A follower starts from the config file's
     /// token (the rotating process keeps it current), then `env_token`.
+    ///
+    /// A rotation lock file that cannot be opened for a reason other than another holder is an
+    /// error: without it this process could never rotate.
     pub fn new(
         config: RotatorConfig,
         client: reqwest::Client,
@@ -129,10 +135,10 @@ impl Rotator {
         status: StatusCell,
         metrics: Metrics,
         activity: Activity,
-    ) -> Self {
-        Self {
-            engine: engine::Engine::new(config, client, env_token, status, metrics, activity),
-        }
+    ) -> Result<Self, LockError> {
+        Ok(Self {
+            engine: engine::Engine::new(config, client, env_token, status, metrics, activity)?,
+        })
     }
 
     /// The token source to stack `FreshTokenLayer` on.

@@ -113,6 +113,9 @@ pub struct ScheduleState<'a> {
     pub retry_at: Option<SystemTime>,
     /// Tokens waiting to be revoked.
     pub revokes: &'a [PendingRevoke],
+    /// The held token has not reached the config file, the state file or a sink: when to try
+    /// writing it again. While set, no token is minted until the held one nears expiry.
+    pub persist_retry_at: Option<SystemTime>,
 }
 
 /// The decision.
@@ -120,6 +123,8 @@ pub struct ScheduleState<'a> {
 pub enum Action {
     /// Mint a new token now.
     Rotate,
+    /// Write the held token to the config file, the state file and the sinks again.
+    Persist,
     /// Revoke this token now.
     Revoke {
         /// Token id.
@@ -140,16 +145,19 @@ pub enum Action {
 /// 1. No token, or one that is dead or within [`RotationPlan::guard`] of expiry: [`Action::Expired`].
 ///    Nothing is ever sent with such a token.
 /// 2. A pending revoke that is due (and not expired by itself): [`Action::Revoke`].
-/// 3. A rotation is due at
+/// 3. The held token has not been saved and `persist_retry_at` has come: [`Action::Persist`].
+/// 4. A rotation is due at
 ///    * the moment the token was obtained, when its expiry is unknown (a bootstrap token is
 ///      replaced at once);
+///    * while the held token is unsaved: `expiry - margin / 2`, later than usual, since each
+///      token minted meanwhile would fail to be saved too (idle under `lapse`: never);
 ///    * with sessions active (or unknown): `min(obtained + interval, expiry - margin)`;
 ///    * idle under `keepalive`: `expiry - margin`;
 ///    * idle under `lapse`: never (the token is left to expire);
 ///
 ///    but not before `retry_at` after a failed attempt. Due: [`Action::Rotate`].
-/// 4. Otherwise sleep until the earliest of: the rotation, the next revoke, and the moment the
-///    token becomes dead (step 1).
+/// 5. Otherwise sleep until the earliest of: the rotation, the next revoke, the next attempt
+///    to save, and the moment the token becomes dead (step 1).
 pub fn next_action(now: SystemTime, state: ScheduleState<'_>, plan: &RotationPlan) -> Action {
     let Some(token) = state.token.filter(|t| !t.dead) else {
         return Action::Expired;
@@ -171,14 +179,21 @@ pub fn next_action(now: SystemTime, state: ScheduleState<'_>, plan: &RotationPla
             token_id: revoke.token_id.clone(),
         };
     }
+    if state.persist_retry_at.is_some_and(|at| at <= now) {
+        return Action::Persist;
+    }
+    let unsaved = state.persist_retry_at.is_some();
     let rotate_at = match token.expires_at {
         None => Some(token.obtained_at),
         Some(expires_at) => {
             let latest = expires_at.checked_sub(plan.margin).unwrap_or(now);
-            match (state.sessions.active(), plan.idle_policy) {
-                (true, _) => Some((token.obtained_at + plan.interval).min(latest)),
-                (false, IdlePolicy::Keepalive) => Some(latest),
-                (false, IdlePolicy::Lapse) => None,
+            let near_expiry = expires_at.checked_sub(plan.margin / 2).unwrap_or(now);
+            match (unsaved, state.sessions.active(), plan.idle_policy) {
+                (true, false, IdlePolicy::Lapse) => None,
+                (true, _, _) => Some(near_expiry),
+                (false, true, _) => Some((token.obtained_at + plan.interval).min(latest)),
+                (false, false, IdlePolicy::Keepalive) => Some(latest),
+                (false, false, IdlePolicy::Lapse) => None,
             }
         }
     };
@@ -192,10 +207,15 @@ pub fn next_action(now: SystemTime, state: ScheduleState<'_>, plan: &RotationPla
     let dead_at = token
         .expires_at
         .map(|at| at.checked_sub(plan.guard).unwrap_or(at));
-    let until = [rotate_at, dead_at, live_revokes().map(|r| r.due).min()]
-        .into_iter()
-        .flatten()
-        .min();
+    let until = [
+        rotate_at,
+        dead_at,
+        live_revokes().map(|r| r.due).min(),
+        state.persist_retry_at,
+    ]
+    .into_iter()
+    .flatten()
+    .min();
     match until {
         Some(until) => Action::Sleep { until },
         // Only reachable idle under lapse with a token that never expires: nothing to do
@@ -284,6 +304,7 @@ mod tests {
             sessions,
             retry_at: None,
             revokes: &[],
+            persist_retry_at: None,
         }
     }
 
@@ -461,6 +482,79 @@ mod tests {
         assert_eq!(next_action(at(1_499), state, &plan), Action::Expired);
     }
 
+    #[test]
+    fn an_unsaved_token_pauses_minting_until_it_nears_expiry() {
+        // Lifetime 900 s, interval 300 s: margin 600 s, so "near expiry" is 300 s before it.
+        let keep = RotationPlan::new(secs(900), secs(300), IdlePolicy::Keepalive);
+        let lapse = RotationPlan::new(secs(900), secs(300), IdlePolicy::Lapse);
+        let unsaved = |retry: u64, sessions| ScheduleState {
+            persist_retry_at: Some(at(retry)),
+            ..state(held(0, Some(900)), sessions)
+        };
+        use Sessions::{Active, Idle};
+        let cases: &[(&str, &RotationPlan, u64, ScheduleState<'_>, Action)] = &[
+            (
+                "saved: the interval rotates as usual",
+                &keep,
+                300,
+                state(held(0, Some(900)), Active),
+                Action::Rotate,
+            ),
+            (
+                "unsaved: the interval does not mint; wait for the next save attempt",
+                &keep,
+                300,
+                unsaved(400, Active),
+                Action::Sleep { until: at(400) },
+            ),
+            (
+                "unsaved: the save attempt is due",
+                &keep,
+                400,
+                unsaved(400, Active),
+                Action::Persist,
+            ),
+            (
+                "unsaved, next attempt later than the rotation: sleep until near expiry",
+                &keep,
+                450,
+                unsaved(700, Active),
+                Action::Sleep { until: at(600) },
+            ),
+            (
+                "unsaved, near expiry: mint after all",
+                &keep,
+                600,
+                unsaved(700, Active),
+                Action::Rotate,
+            ),
+            (
+                "unsaved and idle under keepalive: near expiry too",
+                &keep,
+                600,
+                unsaved(700, Idle),
+                Action::Rotate,
+            ),
+            (
+                "unsaved and idle under lapse: never mints",
+                &lapse,
+                650,
+                unsaved(700, Idle),
+                Action::Sleep { until: at(700) },
+            ),
+            (
+                "unsaved and dead: no call at all",
+                &keep,
+                899,
+                unsaved(100, Active),
+                Action::Expired,
+            ),
+        ];
+        for (name, plan, now, state, expected) in cases {
+            assert_eq!(next_action(at(*now), *state, plan), *expected, "{name}");
+        }
+    }
+
     /// Replays the timeline that deadlocked the earlier rotator: a 90 s token, a 60 s interval,
     /// sessions gone after the first rotation. Every call the rotator makes must carry a live
     /// token; under `lapse` no call at all follows the lapse.
@@ -494,7 +588,9 @@ mod tests {
                     expired_at.get_or_insert(now);
                     now += 15; // the caller keeps watching the config file
                 }
-                Action::Revoke { .. } => unreachable!("no revokes in this replay"),
+                Action::Revoke { .. } | Action::Persist => {
+                    unreachable!("no revokes or saves in this replay")
+                }
             }
         }
         (rotations, expired_at)

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fresh_token::Token;
+use fresh_token::small_file::{self, Links};
 use serde::{Deserialize, Serialize};
 
 use super::schedule::PendingRevoke;
@@ -122,9 +123,10 @@ impl SavedRevoke {
 }
 
 /// Read the state file. A missing file is an empty state; an unreadable or unparsable one is an
-/// error (the caller logs it and starts empty).
+/// error (the caller logs it and starts empty), and so is a link, a FIFO or anything but a
+/// regular file of at most 1 MiB: only this program writes it, always as a regular file.
 pub fn load(path: &Path) -> io::Result<Option<SavedState>> {
-    match std::fs::read(path) {
+    match small_file::read(path, Links::Refuse) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err)),
@@ -347,5 +349,17 @@ mod tests {
         assert_eq!(load(&path).unwrap(), Some(state));
         std::fs::write(&path, "{not json").unwrap();
         assert!(load(&path).is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_in_place_of_the_state_file_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = state_path(&dir.path().join(".databrickscfg"));
+        let elsewhere = dir.path().join("elsewhere.json");
+        save(&elsewhere, &saved(900, &[])).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        let err = load(&path).unwrap_err();
+        assert!(err.to_string().contains("symbolic links"), "{err}");
     }
 }
