@@ -89,6 +89,8 @@ async fn serve(config: Config) -> ExitCode {
         upstream_base: config.upstream_base.clone(),
         max_body: config.max_body,
         upstream_timeout: config.upstream_timeout,
+        body_budget: config.body_budget,
+        rate_limit_wait: config.rate_limit_wait,
     };
     let state = AppState::with_parts(
         settings,

@@ -25,6 +25,34 @@ struct KindLabel {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// What became of an upstream 429 (or of a request held back by one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateLimitOutcome {
+    /// The proxy waited and sent the request again; the client never saw the 429.
+    Absorbed,
+    /// The client got a 429: the request could not be replayed, the wait ran out, or waiting
+    /// is off.
+    Passed,
+}
+
+impl RateLimitOutcome {
+    /// Every outcome, in a stable order.
+    pub const ALL: [Self; 2] = [Self::Absorbed, Self::Passed];
+
+    /// The `outcome` label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Absorbed => "absorbed",
+            Self::Passed => "passed",
+        }
+    }
+}
+
 /// Every `result` label of `fresh_proxy_rotations_total`.
 pub const ROTATION_RESULTS: [&str; 6] = [
     "ok",
@@ -47,6 +75,7 @@ pub struct Metrics {
     rotations: Family<ResultLabel, Counter>,
     token_expiry: Gauge<f64, AtomicU64>,
     filter_actions: Family<KindLabel, Counter>,
+    rate_limited: Family<OutcomeLabel, Counter>,
     registry: std::sync::Arc<Registry>,
 }
 
@@ -65,6 +94,7 @@ impl Metrics {
         let rotations = Family::<ResultLabel, Counter>::default();
         let token_expiry = Gauge::<f64, AtomicU64>::default();
         let filter_actions = Family::<KindLabel, Counter>::default();
+        let rate_limited = Family::<OutcomeLabel, Counter>::default();
         // Every labelled series exists from the start, at 0: a series that appears only with
         // its first event makes `rate()` and "absent" alerts misread the time before it.
         for class in STATUS_CLASSES {
@@ -76,6 +106,11 @@ impl Metrics {
         for action in fresh_filter::FilterAction::ALL {
             filter_actions.get_or_create_owned(&KindLabel {
                 kind: action.as_str(),
+            });
+        }
+        for outcome in RateLimitOutcome::ALL {
+            rate_limited.get_or_create_owned(&OutcomeLabel {
+                outcome: outcome.as_str(),
             });
         }
         let mut registry = Registry::with_prefix("fresh_proxy");
@@ -109,6 +144,11 @@ impl Metrics {
             "Content filter changes by kind",
             filter_actions.clone(),
         );
+        registry.register(
+            "rate_limited",
+            "Upstream 429s by outcome: absorbed (waited out and replayed) or passed to the client",
+            rate_limited.clone(),
+        );
         Self {
             requests,
             upstream_latency,
@@ -116,6 +156,7 @@ impl Metrics {
             rotations,
             token_expiry,
             filter_actions,
+            rate_limited,
             registry: std::sync::Arc::new(registry),
         }
     }
@@ -158,6 +199,15 @@ impl Metrics {
             .inc_by(count);
     }
 
+    /// Count one 429 by what became of it.
+    pub fn rate_limited(&self, outcome: RateLimitOutcome) {
+        self.rate_limited
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
     /// Prometheus text exposition, with the token gauge set to `seconds_to_expiry`. An unknown
     /// expiry is NaN, so that no threshold alert mistakes it for "expires now".
     pub fn render(&self, seconds_to_expiry: Option<i64>) -> String {
@@ -196,7 +246,13 @@ mod tests {
                 kinds
                     .iter()
                     .map(|kind| format!("fresh_proxy_filter_actions_total{{kind=\"{kind}\"}} 0")),
-            );
+            )
+            .chain(RateLimitOutcome::ALL.iter().map(|outcome| {
+                format!(
+                    "fresh_proxy_rate_limited_total{{outcome=\"{}\"}} 0",
+                    outcome.as_str()
+                )
+            }));
         for line in lines {
             assert!(
                 text.lines().any(|l| l == line),
@@ -215,6 +271,9 @@ mod tests {
         metrics.rotation("ok");
         metrics.filter_action("empty_text_dropped", 3);
         metrics.upstream_latency(0.004);
+        metrics.rate_limited(RateLimitOutcome::Absorbed);
+        metrics.rate_limited(RateLimitOutcome::Absorbed);
+        metrics.rate_limited(RateLimitOutcome::Passed);
         let text = metrics.render(Some(812));
         for line in [
             "fresh_proxy_requests_total{class=\"2xx\"} 2",
@@ -224,6 +283,8 @@ mod tests {
             "fresh_proxy_filter_actions_total{kind=\"empty_text_dropped\"} 3",
             "fresh_proxy_token_seconds_to_expiry 812.0",
             "fresh_proxy_upstream_latency_seconds_count 1",
+            "fresh_proxy_rate_limited_total{outcome=\"absorbed\"} 2",
+            "fresh_proxy_rate_limited_total{outcome=\"passed\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
