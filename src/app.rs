@@ -23,7 +23,7 @@ use tracing::Level;
 
 use crate::health::{self, HealthState, metrics::Metrics};
 use crate::proxy::guard::{ClientGuardLayer, ClientPolicy};
-use crate::proxy::{self, Forwarder, upstream_client};
+use crate::proxy::{self, BodyBudget, Forwarder, RateLimits, upstream_client};
 use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 
 /// Everything [`app`] serves from.
@@ -55,15 +55,22 @@ pub struct ProxySettings {
     pub max_body: usize,
     /// Time to wait for upstream response headers.
     pub upstream_timeout: Duration,
+    /// Bytes of request bodies buffered at once, across requests; past it, 503.
+    pub body_budget: usize,
+    /// How long a replayable request may wait across upstream 429s; zero passes them through.
+    pub rate_limit_wait: Duration,
 }
 
 impl ProxySettings {
-    /// `upstream_base` with the default limits (32 MiB bodies, 300 s for headers).
+    /// `upstream_base` with the default limits (32 MiB bodies, 300 s for headers, a 256 MiB
+    /// body budget, 60 s of waiting across 429s).
     pub fn new(upstream_base: Url) -> Self {
         Self {
             upstream_base,
             max_body: 32 * 1024 * 1024,
             upstream_timeout: Duration::from_secs(300),
+            body_budget: 256 * 1024 * 1024,
+            rate_limit_wait: Duration::from_secs(60),
         }
     }
 }
@@ -101,6 +108,8 @@ impl AppState {
             upstream_timeout: settings.upstream_timeout,
             metrics: metrics.clone(),
             activity,
+            body_budget: BodyBudget::new(settings.body_budget),
+            rate_limits: RateLimits::new(settings.rate_limit_wait),
         };
         Self {
             forwarder,

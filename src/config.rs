@@ -55,6 +55,17 @@ pub struct Cli {
         value_name = "SECONDS"
     )]
     pub proxy_upstream_timeout: u64,
+    /// Bytes of request bodies buffered for filtering at once, across requests; past it, 503 with Retry-After
+    #[arg(long, env = "PROXY_BODY_BUDGET", default_value_t = 256 * 1024 * 1024, value_name = "BYTES")]
+    pub proxy_body_budget: usize,
+    /// Seconds a replayable request may wait across upstream 429s; 0 passes them through
+    #[arg(
+        long,
+        env = "PROXY_RATE_LIMIT_WAIT",
+        default_value_t = 60,
+        value_name = "SECONDS"
+    )]
+    pub proxy_rate_limit_wait: u64,
     /// Seconds in-flight requests may take to finish after SIGTERM or Ctrl-C
     #[arg(
         long,
@@ -249,6 +260,10 @@ pub struct Config {
     pub max_body: usize,
     /// Time to wait for upstream response headers.
     pub upstream_timeout: Duration,
+    /// Bytes of request bodies buffered at once.
+    pub body_budget: usize,
+    /// How long a replayable request may wait across upstream 429s.
+    pub rate_limit_wait: Duration,
     /// Time in-flight requests get after a shutdown signal.
     pub shutdown_grace: Duration,
     /// Where the token comes from.
@@ -415,6 +430,15 @@ impl Config {
         if cli.proxy_max_body == 0 {
             return Err(ConfigError::var("PROXY_MAX_BODY", "must be above 0"));
         }
+        if cli.proxy_body_budget < cli.proxy_max_body {
+            return Err(ConfigError::var(
+                "PROXY_BODY_BUDGET",
+                format!(
+                    "must be at least PROXY_MAX_BODY ({} bytes), or the largest bodies could never be taken",
+                    cli.proxy_max_body
+                ),
+            ));
+        }
         if cli.proxy_upstream_timeout == 0 {
             return Err(ConfigError::var(
                 "PROXY_UPSTREAM_TIMEOUT",
@@ -430,6 +454,8 @@ impl Config {
             upstream_base,
             max_body: cli.proxy_max_body,
             upstream_timeout: Duration::from_secs(cli.proxy_upstream_timeout),
+            body_budget: cli.proxy_body_budget,
+            rate_limit_wait: Duration::from_secs(cli.proxy_rate_limit_wait),
             shutdown_grace: Duration::from_secs(cli.proxy_shutdown_grace),
             token_mode,
             rotation: RotationSettings {
@@ -624,7 +650,33 @@ mod tests {
                     assert_eq!(c.rotation.lifetime, Duration::from_secs(900));
                     assert_eq!(c.rotation.interval, Duration::from_secs(600));
                     assert_eq!(c.max_body, 33_554_432);
+                    assert_eq!(c.body_budget, 268_435_456);
+                    assert_eq!(c.rate_limit_wait, Duration::from_secs(60));
                 }),
+            },
+            Case {
+                name: "rate limit wait off, larger body budget",
+                file: Some(GOOD),
+                args: &[
+                    "--proxy-rate-limit-wait",
+                    "0",
+                    "--proxy-body-budget",
+                    "1073741824",
+                ],
+                token: None,
+                client_secret: None,
+                expect: Ok(|c| {
+                    assert_eq!(c.rate_limit_wait, Duration::ZERO);
+                    assert_eq!(c.body_budget, 1 << 30);
+                }),
+            },
+            Case {
+                name: "body budget below the largest body",
+                file: Some(GOOD),
+                args: &["--proxy-body-budget", "1048576"],
+                token: None,
+                client_secret: None,
+                expect: Err(&["PROXY_BODY_BUDGET", "PROXY_MAX_BODY"]),
             },
             Case {
                 name: "bare host gets https",

@@ -142,6 +142,8 @@ async fn serve(
         upstream_base: config.upstream_base.clone(),
         max_body: config.max_body,
         upstream_timeout: config.upstream_timeout,
+        body_budget: config.body_budget,
+        rate_limit_wait: config.rate_limit_wait,
     };
     let state = AppState::with_parts(
         settings,

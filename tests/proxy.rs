@@ -469,7 +469,10 @@ async fn no_upstream_headers_in_time_is_a_504_json_error() {
 async fn upstream_errors_pass_through_untouched() {
     let ws = FakeWorkspace::start().await;
     let pat = ws.mint(Duration::from_secs(60));
-    let proxy = serve_with(settings(&ws.serving_base()), shared(&pat.value)).await;
+    // With waiting on, a 429 is waited out (tests/rate_limits.rs); here it is passed as it is.
+    let mut settings = settings(&ws.serving_base());
+    settings.rate_limit_wait = Duration::ZERO;
+    let proxy = serve_with(settings, shared(&pat.value)).await;
     let res = http_client()
         .post(format!(
             "{}/status/invocations?status=429&retry_after=7",

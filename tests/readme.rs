@@ -344,6 +344,13 @@ fn metrics_page_names_every_exported_metric_and_label() {
     metrics.rotation(RotationResult::Ok);
     metrics.filter_action(FilterAction::EmptyTextDropped, 1);
     let text = metrics.render(Some(60));
+    for outcome in fresh_proxy::health::metrics::RateLimitOutcome::ALL {
+        assert!(
+            read("docs/METRICS.md").contains(&format!("`{}`", outcome.as_str())),
+            "docs/METRICS.md lacks rate limit outcome {}",
+            outcome.as_str()
+        );
+    }
     let exported: BTreeSet<String> = text
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))
@@ -398,6 +405,8 @@ fn failure_page_names_every_error_answer() {
         ProxyError::BadRequest("x"),
         ProxyError::UpstreamUnreachable,
         ProxyError::UpstreamTimeout,
+        ProxyError::RateLimited { retry_after: 1 },
+        ProxyError::BodyBudgetExhausted { budget: 1 },
     ];
     for error in errors {
         let body = error.body();

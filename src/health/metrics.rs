@@ -44,6 +44,34 @@ pub enum RotationResult {
     OauthFailed,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// What became of an upstream 429 (or of a request held back by one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateLimitOutcome {
+    /// The proxy waited and sent the request again; the client never saw the 429.
+    Absorbed,
+    /// The client got a 429: the request could not be replayed, the wait ran out, or waiting
+    /// is off.
+    Passed,
+}
+
+impl RateLimitOutcome {
+    /// Every outcome, in a stable order.
+    pub const ALL: [Self; 2] = [Self::Absorbed, Self::Passed];
+
+    /// The `outcome` label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Absorbed => "absorbed",
+            Self::Passed => "passed",
+        }
+    }
+}
+
 impl RotationResult {
     /// Every result, in the order `/metrics` lists them.
     pub const ALL: [RotationResult; 6] = [
@@ -126,6 +154,7 @@ pub struct Metrics {
     token_expiry: Gauge<f64, AtomicU64>,
     filter_actions: Family<KindLabel, Counter>,
     persist_failures: Counter,
+    rate_limited: Family<OutcomeLabel, Counter>,
     registry: std::sync::Arc<Registry>,
 }
 
@@ -144,6 +173,7 @@ impl Metrics {
         let rotations = Family::<ResultLabel, Counter>::default();
         let token_expiry = Gauge::<f64, AtomicU64>::default();
         let filter_actions = Family::<KindLabel, Counter>::default();
+        let rate_limited = Family::<OutcomeLabel, Counter>::default();
         // Every labelled series exists from the start, at 0: a series that appears only with
         // its first event makes `rate()` and "absent" alerts misread the time before it.
         for class in StatusClass::ALL {
@@ -162,6 +192,11 @@ impl Metrics {
             });
         }
         let persist_failures = Counter::default();
+        for outcome in RateLimitOutcome::ALL {
+            rate_limited.get_or_create_owned(&OutcomeLabel {
+                outcome: outcome.as_str(),
+            });
+        }
         let mut registry = Registry::with_prefix("fresh_proxy");
         registry.register(
             "persist_failures",
@@ -198,6 +233,11 @@ impl Metrics {
             "Content filter changes by kind",
             filter_actions.clone(),
         );
+        registry.register(
+            "rate_limited",
+            "Upstream 429s by outcome: absorbed (waited out and replayed) or passed to the client",
+            rate_limited.clone(),
+        );
         Self {
             requests,
             upstream_latency,
@@ -206,6 +246,7 @@ impl Metrics {
             token_expiry,
             filter_actions,
             persist_failures,
+            rate_limited,
             registry: std::sync::Arc::new(registry),
         }
     }
@@ -260,6 +301,15 @@ impl Metrics {
         self.persist_failures.inc();
     }
 
+    /// Count one 429 by what became of it.
+    pub fn rate_limited(&self, outcome: RateLimitOutcome) {
+        self.rate_limited
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
     /// Prometheus text exposition, with the token gauge set to `seconds_to_expiry`. An unknown
     /// expiry is NaN, so that no threshold alert mistakes it for "expires now".
     pub fn render(&self, seconds_to_expiry: Option<i64>) -> String {
@@ -300,7 +350,13 @@ mod tests {
                 kinds
                     .iter()
                     .map(|kind| format!("fresh_proxy_filter_actions_total{{kind=\"{kind}\"}} 0")),
-            );
+            )
+            .chain(RateLimitOutcome::ALL.iter().map(|outcome| {
+                format!(
+                    "fresh_proxy_rate_limited_total{{outcome=\"{}\"}} 0",
+                    outcome.as_str()
+                )
+            }));
         for line in lines {
             assert!(
                 text.lines().any(|l| l == line),
@@ -320,6 +376,9 @@ mod tests {
         metrics.filter_action(FilterAction::EmptyTextDropped, 3);
         metrics.upstream_latency(0.004);
         metrics.persist_failure();
+        metrics.rate_limited(RateLimitOutcome::Absorbed);
+        metrics.rate_limited(RateLimitOutcome::Absorbed);
+        metrics.rate_limited(RateLimitOutcome::Passed);
         let text = metrics.render(Some(812));
         for line in [
             "fresh_proxy_requests_total{class=\"2xx\"} 2",
@@ -330,6 +389,8 @@ mod tests {
             "fresh_proxy_token_seconds_to_expiry 812.0",
             "fresh_proxy_upstream_latency_seconds_count 1",
             "fresh_proxy_persist_failures_total 1",
+            "fresh_proxy_rate_limited_total{outcome=\"absorbed\"} 2",
+            "fresh_proxy_rate_limited_total{outcome=\"passed\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -2,7 +2,8 @@
 
 use axum::Json;
 use axum::response::{IntoResponse, Response};
-use http::StatusCode;
+use http::header::RETRY_AFTER;
+use http::{HeaderValue, StatusCode};
 use serde_json::json;
 
 /// An error made by the proxy, not relayed from upstream.
@@ -19,7 +20,21 @@ pub enum ProxyError {
     UpstreamUnreachable,
     /// The upstream sent no response headers in time.
     UpstreamTimeout,
+    /// The upstream endpoint cools down after a 429 for longer than the request may wait.
+    RateLimited {
+        /// Whole seconds until it takes requests again, for `Retry-After`.
+        retry_after: u64,
+    },
+    /// Buffering this body would take request bodies past `PROXY_BODY_BUDGET`.
+    BodyBudgetExhausted {
+        /// The budget, in bytes.
+        budget: usize,
+    },
 }
+
+/// Seconds a client is asked to wait after a full body budget: bodies in flight are usually
+/// forwarded within that.
+const BUDGET_RETRY_AFTER: u64 = 2;
 
 impl ProxyError {
     fn parts(&self) -> (StatusCode, &'static str, String) {
@@ -40,12 +55,33 @@ impl ProxyError {
                 "upstream_timeout",
                 "the upstream sent no response headers in time".to_owned(),
             ),
+            Self::RateLimited { retry_after } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("the upstream endpoint is rate limited; retry after {retry_after} s"),
+            ),
+            Self::BodyBudgetExhausted { budget } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!(
+                    "request bodies being filtered already take the budget of {budget} bytes; retry shortly"
+                ),
+            ),
         }
     }
 
     /// The status code of the answer.
     pub fn status(&self) -> StatusCode {
         self.parts().0
+    }
+
+    /// The `Retry-After` of the answer, in seconds, if it has one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after } => Some(*retry_after),
+            Self::BodyBudgetExhausted { .. } => Some(BUDGET_RETRY_AFTER),
+            _ => None,
+        }
     }
 
     /// `{"error": {"type": ..., "message": ...}}`.
@@ -57,6 +93,12 @@ impl ProxyError {
 
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
-        (self.status(), Json(self.body())).into_response()
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }

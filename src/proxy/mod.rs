@@ -6,11 +6,18 @@
 //! replayed, so a 401 or 403 from upstream is retried once with a refreshed token. A body of
 //! unknown length that is not JSON is streamed through a size limit instead and is never
 //! replayed: its 401 or 403 goes to the client as it is.
+//!
+//! Buffered bodies take their size from `PROXY_BODY_BUDGET` while they live ([`body_budget`]).
+//! An upstream 429 starts a cooldown of its endpoint that every request to it waits out, and a
+//! replayable request is sent again after it, within `PROXY_RATE_LIMIT_WAIT` ([`rate_limit`]).
 
+mod body_budget;
 mod client;
+mod cooldown;
 mod error;
 pub mod guard;
 mod headers;
+mod rate_limit;
 mod response;
 mod scrub;
 
@@ -20,16 +27,22 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use fresh_token::{Token, TokenSource};
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderMap, Method, StatusCode};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use reqwest::Url;
 
-use crate::health::metrics::Metrics;
+use crate::health::metrics::{Metrics, RateLimitOutcome};
 use crate::token::status::Activity;
 use fresh_filter::{RequestSanitizer, ToolContext};
+
+pub(crate) use body_budget::BodyBudget;
+use body_budget::BudgetShare;
+use cooldown::retry_after_secs;
+pub(crate) use rate_limit::RateLimits;
+use rate_limit::{TooLong, endpoint_key};
 
 pub use client::{install_crypto_provider, upstream_client};
 pub use error::ProxyError;
@@ -47,6 +60,10 @@ pub struct Forwarder {
     pub(crate) activity: Activity,
     /// Shared by all requests, so that each agent's `tools` are cleaned once.
     pub(crate) sanitizer: Arc<RequestSanitizer>,
+    /// Bytes of buffered request bodies, across requests.
+    pub(crate) body_budget: BodyBudget,
+    /// Cooldowns of rate-limited upstream endpoints, across requests.
+    pub(crate) rate_limits: RateLimits,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -55,6 +72,7 @@ impl std::fmt::Debug for Forwarder {
             .field("upstream_base", &self.upstream_base.as_str())
             .field("max_body", &self.max_body)
             .field("upstream_timeout", &self.upstream_timeout)
+            .field("body_budget", &self.body_budget.total())
             .finish_non_exhaustive()
     }
 }
@@ -107,18 +125,21 @@ impl Forwarder {
                 limit: self.max_body,
             });
         }
-        let (mut outgoing, tools) = self.read_body(&parts.headers, body).await?;
+        // Held until the answer's headers are in: the body stays in memory until then.
+        let (mut outgoing, tools, _budget) = self.read_body(&parts.headers, body).await?;
 
         let method = parts.method;
+        let mut held = Held::new(&self.rate_limits);
         // The token goes on after the hop-by-hop headers are gone, so that a client's
         // `Connection: authorization` cannot strip it.
         let mut upstream = self
-            .send(
+            .send_when_allowed(
                 &method,
                 &url,
                 &headers,
-                outgoing.next_body(),
+                &mut outgoing,
                 token.as_ref(),
+                &mut held,
             )
             .await?;
         let rejected = matches!(
@@ -135,9 +156,15 @@ impl Forwarder {
                 "upstream rejected the token; retrying once with a refreshed token"
             );
             self.metrics.retry();
-            let body = outgoing.next_body();
             upstream = self
-                .send(&method, &url, &headers, body, Some(&fresh))
+                .send_when_allowed(
+                    &method,
+                    &url,
+                    &headers,
+                    &mut outgoing,
+                    Some(&fresh),
+                    &mut held,
+                )
                 .await?;
         }
         response::relay(upstream, tools, &self.metrics, self.upstream_timeout).await
@@ -172,7 +199,7 @@ impl Forwarder {
         &self,
         headers: &HeaderMap,
         body: Body,
-    ) -> Result<(Outgoing, ToolContext), ProxyError> {
+    ) -> Result<(Outgoing, ToolContext, Option<BudgetShare>), ProxyError> {
         let is_json = headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -183,19 +210,16 @@ impl Forwarder {
             return Ok((
                 Outgoing::Streaming(Some(Body::new(limited))),
                 ToolContext::default(),
+                None,
             ));
         }
-        let bytes = match Limited::new(body, self.max_body).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(err) if err.is::<LengthLimitError>() => {
-                return Err(ProxyError::BodyTooLarge {
-                    limit: self.max_body,
-                });
-            }
-            Err(_) => return Err(ProxyError::BadRequest("the request body could not be read")),
-        };
+        let (bytes, share) = self.read_whole(headers, body).await?;
         if !is_json || bytes.is_empty() {
-            return Ok((Outgoing::Buffered(bytes), ToolContext::default()));
+            return Ok((
+                Outgoing::Buffered(bytes),
+                ToolContext::default(),
+                Some(share),
+            ));
         }
         let sanitizer = Arc::clone(&self.sanitizer);
         let outcome = off_worker_if_large(&bytes, move |body| sanitizer.sanitize(body)).await;
@@ -204,7 +228,128 @@ impl Forwarder {
             tracing::debug!(report = ?outcome.report, "request sanitised");
         }
         let bytes = outcome.body.map_or(bytes, Bytes::from);
-        Ok((Outgoing::Buffered(bytes), outcome.tools))
+        Ok((Outgoing::Buffered(bytes), outcome.tools, Some(share)))
+    }
+
+    /// The whole body, within `PROXY_MAX_BODY` and the body budget. A declared length takes its
+    /// share of the budget before anything is read, and sizes the buffer once: collecting
+    /// chunks and joining them would hold the body twice.
+    async fn read_whole(
+        &self,
+        headers: &HeaderMap,
+        mut body: Body,
+    ) -> Result<(Bytes, BudgetShare), ProxyError> {
+        let too_large = ProxyError::BodyTooLarge {
+            limit: self.max_body,
+        };
+        let exhausted = ProxyError::BodyBudgetExhausted {
+            budget: self.body_budget.total(),
+        };
+        let mut share = self.body_budget.share();
+        let declared = declared_length(headers).map_or(0, |len| len as usize);
+        share.cover(declared).map_err(|_| exhausted.clone())?;
+        let mut buffer = BytesMut::with_capacity(declared);
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
+            let Ok(chunk) = frame.into_data() else {
+                continue;
+            };
+            let len = buffer.len() + chunk.len();
+            if len > self.max_body {
+                return Err(too_large);
+            }
+            share.cover(len).map_err(|_| exhausted.clone())?;
+            buffer.extend_from_slice(&chunk);
+        }
+        Ok((buffer.freeze(), share))
+    }
+
+    /// Sends the request once the endpoint's cooldown allows, and again after each 429 while
+    /// the request can be replayed and has time left to wait. A 429 that is not waited out goes
+    /// to the client with a `Retry-After`.
+    async fn send_when_allowed(
+        &self,
+        method: &Method,
+        url: &Url,
+        headers: &HeaderMap,
+        outgoing: &mut Outgoing,
+        token: Option<&Token>,
+        held: &mut Held,
+    ) -> Result<reqwest::Response, ProxyError> {
+        let limits = &self.rate_limits;
+        if !limits.enabled() {
+            let upstream = self
+                .send(method, url, headers, outgoing.next_body(), token)
+                .await?;
+            if upstream.status() == StatusCode::TOO_MANY_REQUESTS {
+                self.metrics.rate_limited(RateLimitOutcome::Passed);
+            }
+            return Ok(upstream);
+        }
+        let deadline = held.deadline;
+        if limits.any() {
+            let key = held.key(url, outgoing);
+            if let Err(TooLong { retry_after }) = limits.wait_turn(key, deadline).await {
+                self.metrics.rate_limited(RateLimitOutcome::Passed);
+                return Err(ProxyError::RateLimited {
+                    retry_after: retry_after_secs(retry_after),
+                });
+            }
+        }
+        loop {
+            let upstream = self
+                .send(method, url, headers, outgoing.next_body(), token)
+                .await?;
+            if upstream.status() != StatusCode::TOO_MANY_REQUESTS {
+                if limits.any() {
+                    limits.answered(held.key(url, outgoing));
+                }
+                return Ok(upstream);
+            }
+            let key = held.key(url, outgoing);
+            let retry_after = upstream
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok());
+            let left = limits.rate_limited(key, retry_after);
+            // The refusal is read now, so that no upstream connection is held while waiting.
+            let refusal = self.read_refusal(upstream).await;
+            let waited = if outgoing.replayable() {
+                limits.wait_turn(key, deadline).await
+            } else {
+                Err(TooLong { retry_after: left })
+            };
+            match waited {
+                Ok(()) => {
+                    self.metrics.rate_limited(RateLimitOutcome::Absorbed);
+                    tracing::debug!("replaying a request after an upstream 429");
+                }
+                Err(TooLong { retry_after }) => {
+                    self.metrics.rate_limited(RateLimitOutcome::Passed);
+                    let mut refusal = refusal?;
+                    refusal.headers_mut().insert(
+                        RETRY_AFTER,
+                        HeaderValue::from(retry_after_secs(retry_after)),
+                    );
+                    return Ok(reqwest::Response::from(refusal));
+                }
+            }
+        }
+    }
+
+    /// A small upstream answer read whole (a 429's JSON error), to be relayed later.
+    async fn read_refusal(
+        &self,
+        upstream: reqwest::Response,
+    ) -> Result<http::Response<Bytes>, ProxyError> {
+        let response = http::Response::from(upstream);
+        let (parts, body) = response.into_parts();
+        let read = Limited::new(body, MAX_REFUSAL_BYTES).collect();
+        match tokio::time::timeout(self.upstream_timeout, read).await {
+            Ok(Ok(body)) => Ok(http::Response::from_parts(parts, body.to_bytes())),
+            _ => Err(ProxyError::UpstreamUnreachable),
+        }
     }
 
     async fn send(
@@ -245,6 +390,35 @@ impl Forwarder {
             }
             Ok(Ok(res)) => Ok(res),
         }
+    }
+}
+
+/// Upstream error bodies are a few hundred bytes; a 429 held for relaying is cut off here.
+const MAX_REFUSAL_BYTES: usize = 64 * 1024;
+
+/// One request's place in the rate limits: how long it may wait, and (worked out when first
+/// needed) the endpoint it is for.
+struct Held {
+    deadline: tokio::time::Instant,
+    key: Option<String>,
+}
+
+impl Held {
+    fn new(limits: &RateLimits) -> Self {
+        Self {
+            deadline: limits.deadline(),
+            key: None,
+        }
+    }
+
+    fn key(&mut self, url: &Url, outgoing: &Outgoing) -> &str {
+        self.key.get_or_insert_with(|| {
+            let body = match outgoing {
+                Outgoing::Buffered(bytes) => Some(&bytes[..]),
+                Outgoing::Streaming(_) => None,
+            };
+            endpoint_key(url, body)
+        })
     }
 }
 

@@ -73,6 +73,7 @@ const TOOL_CALL_ARGUMENT_PIECES: [&str; 3] =
 /// Above the proxy's default 32 MiB limit, so the proxy's own limit is what tests see.
 const MAX_REQUEST_BODY: usize = 64 << 20;
 const MAX_RECORDED_REQUESTS: usize = 256;
+const MAX_RECORDED_ATTEMPTS: usize = 4096;
 /// How long open connections may take to finish after shutdown before they are cut.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -267,6 +268,21 @@ pub struct RecordedRequest {
     pub token_kind: TokenKind,
     /// The body, byte for byte.
     pub body: Bytes,
+}
+
+/// One serving request that passed the bearer check, as [`FakeWorkspace::serving_attempts`]
+/// lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServingAttempt {
+    /// When it arrived.
+    pub at: std::time::Instant,
+    /// Path, starting with `/serving-endpoints`.
+    pub path: String,
+    /// Its `x-fake-agent` header, for telling the attempts of concurrent clients apart.
+    pub agent: Option<String>,
+    /// `Some` when it was answered 429 by [`FakeWorkspace::rate_limit_serving`]: the
+    /// `Retry-After` seconds it announced, if any.
+    pub rate_limited: Option<Option<u64>>,
 }
 
 /// Handle to a running fake workspace. Clones share the same server and state; the server
@@ -501,6 +517,23 @@ impl FakeWorkspace {
         self.inner.lock().faults.serving.push(n, status, None);
     }
 
+    /// The next `n` serving requests with a valid bearer answer 429 `REQUEST_LIMIT_EXCEEDED`,
+    /// as model serving does past an endpoint's rate limit, with `Retry-After: {secs}` or
+    /// none (added behind any faults already queued). [`FakeWorkspace::serving_attempts`]
+    /// tells when each attempt arrived and which were refused.
+    pub fn rate_limit_serving(&self, n: u32, retry_after_secs: Option<u64>) {
+        self.inner
+            .lock()
+            .faults
+            .serving
+            .push(n, 429, retry_after_secs);
+    }
+
+    /// Every serving request that passed the bearer check (the last 4096), oldest first.
+    pub fn serving_attempts(&self) -> Vec<ServingAttempt> {
+        self.inner.lock().attempts.iter().cloned().collect()
+    }
+
     /// The next `n` `/oidc/v1/token` calls with valid client credentials answer `status`
     /// (OAuth error body).
     pub fn fail_next_oauth(&self, n: u32, status: u16) {
@@ -642,6 +675,7 @@ struct WorkspaceState {
     create_delay: Duration,
     stats: Stats,
     recorded: VecDeque<RecordedRequest>,
+    attempts: VecDeque<ServingAttempt>,
 }
 
 struct TokenRecord {
@@ -719,7 +753,11 @@ struct Fault {
 
 impl Fault {
     fn api_response(self) -> Response {
-        let message = format!("Injected failure ({})", self.status.as_u16());
+        let message = if self.status == StatusCode::TOO_MANY_REQUESTS {
+            "Exceeded the rate limit of this serving endpoint. Please retry later.".to_owned()
+        } else {
+            format!("Injected failure ({})", self.status.as_u16())
+        };
         self.with_retry_after(api_error(self.status, error_code(self.status), &message))
     }
 
@@ -986,7 +1024,22 @@ impl WorkspaceState {
             token_kind: caller.kind,
             body: body.clone(),
         });
-        if let Some(fault) = self.faults.serving.next() {
+        let fault = self.faults.serving.next();
+        if self.attempts.len() == MAX_RECORDED_ATTEMPTS {
+            self.attempts.pop_front();
+        }
+        self.attempts.push_back(ServingAttempt {
+            at: std::time::Instant::now(),
+            path: uri.path().to_owned(),
+            agent: headers
+                .get("x-fake-agent")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            rate_limited: fault
+                .filter(|fault| fault.status == StatusCode::TOO_MANY_REQUESTS)
+                .map(|fault| fault.retry_after_secs),
+        });
+        if let Some(fault) = fault {
             self.stats.serving_errors += 1;
             return Err(fault.api_response());
         }

@@ -450,6 +450,57 @@ async fn injected_serving_failures_then_success() {
 }
 
 #[tokio::test]
+async fn rate_limited_serving_answers_429_and_records_each_attempt() {
+    let workspace = FakeWorkspace::start().await;
+    let token = workspace.mint(Duration::from_secs(600));
+    workspace.rate_limit_serving(1, Some(3));
+    workspace.rate_limit_serving(1, None);
+    let client = http_client();
+    let before = Instant::now();
+    let mut answers = Vec::new();
+    for agent in ["a", "b", "c"] {
+        let response = client
+            .post(workspace.endpoint_url(Behaviour::Chat))
+            .bearer_auth(&token.value)
+            .header("x-fake-agent", agent)
+            .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let (status, body) = status_and_json(response).await;
+        answers.push((status, retry_after, body["error_code"].clone()));
+    }
+    assert_eq!(
+        answers,
+        [
+            (429, Some("3".to_owned()), json!("REQUEST_LIMIT_EXCEEDED")),
+            (429, None, json!("REQUEST_LIMIT_EXCEEDED")),
+            (200, None, Value::Null),
+        ]
+    );
+    let attempts = workspace.serving_attempts();
+    let seen: Vec<_> = attempts
+        .iter()
+        .map(|a| (a.agent.as_deref(), a.rate_limited, a.path.as_str()))
+        .collect();
+    let path = "/serving-endpoints/chat/invocations";
+    assert_eq!(
+        seen,
+        [
+            (Some("a"), Some(Some(3)), path),
+            (Some("b"), Some(None), path),
+            (Some("c"), None, path),
+        ]
+    );
+    assert!(attempts.windows(2).all(|w| w[0].at <= w[1].at));
+    assert!(attempts[0].at >= before);
+}
+
+#[tokio::test]
 async fn serving_enforces_the_bearer() {
     let workspace = FakeWorkspace::start().await;
     let token = workspace.mint(Duration::from_secs(600));
