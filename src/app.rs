@@ -9,6 +9,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::FromRef;
 use axum::routing::get;
+use fresh_filter::ModelRules;
 use fresh_token::{FreshTokenLayer, TokenSource};
 use http::header::AUTHORIZATION;
 use http::{HeaderValue, Request};
@@ -22,7 +23,7 @@ use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::health::{self, HealthState, metrics::Metrics};
-use crate::proxy::{self, Forwarder, upstream_client};
+use crate::proxy::{self, Forwarder, RouteTable, upstream_client};
 use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 
 /// Everything [`app`] serves from.
@@ -53,12 +54,25 @@ pub struct ProxySettings {
     pub max_body: usize,
     /// Time to wait for upstream response headers.
     pub upstream_timeout: Duration,
+    /// Where each request path goes, and how it is handled.
+    pub routes: RouteTable,
+    /// Which request fields go for which models and APIs.
+    pub rules: ModelRules,
+    /// Ask for usage on streamed chat requests that did not (`PROXY_STREAM_USAGE=inject`).
+    pub inject_stream_usage: bool,
 }
 
 impl ProxySettings {
-    /// `upstream_base` with the default limits (32 MiB bodies, 300 s for headers).
+    /// `upstream_base` with the default limits (32 MiB bodies, 300 s for headers) and the
+    /// default routes, taking the workspace to be the base's origin.
     pub fn new(upstream_base: Url) -> Self {
+        let mut workspace = upstream_base.clone();
+        workspace.set_path("/");
+        workspace.set_query(None);
         Self {
+            routes: RouteTable::defaults(&workspace, &upstream_base),
+            rules: ModelRules::builtin(),
+            inject_stream_usage: false,
             upstream_base,
             max_body: 32 * 1024 * 1024,
             upstream_timeout: Duration::from_secs(300),
@@ -94,6 +108,9 @@ impl AppState {
             sanitizer: Arc::default(),
             client,
             upstream_base: settings.upstream_base,
+            routes: Arc::new(settings.routes),
+            rules: Arc::new(settings.rules),
+            inject_stream_usage: settings.inject_stream_usage,
             source: source.clone(),
             max_body: settings.max_body,
             upstream_timeout: settings.upstream_timeout,

@@ -89,6 +89,14 @@ async fn serve(config: Config) -> ExitCode {
         upstream_base: config.upstream_base.clone(),
         max_body: config.max_body,
         upstream_timeout: config.upstream_timeout,
+        routes: fresh_proxy::proxy::RouteTable::with_routes(
+            &config.host,
+            &config.upstream_base,
+            config.routing.routes.clone(),
+        ),
+        rules: config.routing.rules.clone(),
+        inject_stream_usage: config.routing.stream_usage
+            == fresh_proxy::config::StreamUsage::Inject,
     };
     let state = AppState::with_parts(
         settings,

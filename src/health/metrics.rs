@@ -47,6 +47,7 @@ pub struct Metrics {
     rotations: Family<ResultLabel, Counter>,
     token_expiry: Gauge<f64, AtomicU64>,
     filter_actions: Family<KindLabel, Counter>,
+    usage: super::usage::TokenUsage,
     registry: std::sync::Arc<Registry>,
 }
 
@@ -109,7 +110,10 @@ impl Metrics {
             "Content filter changes by kind",
             filter_actions.clone(),
         );
+        let usage = super::usage::TokenUsage::default();
+        usage.register(&mut registry);
         Self {
+            usage,
             requests,
             upstream_latency,
             retries,
@@ -156,6 +160,11 @@ impl Metrics {
         self.filter_actions
             .get_or_create(&KindLabel { kind })
             .inc_by(count);
+    }
+
+    /// Count the tokens one answered model call used.
+    pub fn token_usage(&self, model: &str, agent: crate::proxy::Agent, usage: fresh_filter::Usage) {
+        self.usage.record(model, agent, usage);
     }
 
     /// Prometheus text exposition, with the token gauge set to `seconds_to_expiry`. An unknown

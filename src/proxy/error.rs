@@ -21,6 +21,10 @@ pub enum ProxyError {
     UpstreamTimeout,
     /// No usable token.
     NoToken,
+    /// The path is the workspace's token API, which is never reachable through the proxy.
+    TokenApiRefused,
+    /// The path matches no route (under `/api/`, only managed MCP servers are routed).
+    NoRoute,
 }
 
 impl ProxyError {
@@ -46,6 +50,16 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "token_unavailable",
                 "no valid token is available".to_owned(),
+            ),
+            Self::TokenApiRefused => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the workspace token API is not reachable through the proxy".to_owned(),
+            ),
+            Self::NoRoute => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no route for this path: under /api/ only /api/2.0/mcp/ is forwarded".to_owned(),
             ),
         }
     }

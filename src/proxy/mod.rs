@@ -7,10 +7,12 @@
 //! unknown length that is not JSON is streamed through a size limit instead and is never
 //! replayed: its 401 or 403 goes to the client as it is.
 
+mod agent;
 mod client;
 mod error;
 mod headers;
 mod response;
+pub mod routes;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -27,17 +29,21 @@ use reqwest::Url;
 
 use crate::health::metrics::Metrics;
 use crate::token::status::Activity;
-use fresh_filter::{RequestSanitizer, ToolContext};
+use fresh_filter::{ModelRules, RequestContext, RequestSanitizer, ToolContext};
 
+pub use agent::Agent;
 pub use client::{install_crypto_provider, upstream_client};
 pub use error::ProxyError;
-pub use headers::{client_response_headers, upstream_request_headers};
+pub use headers::{CREDENTIAL_HEADERS, client_response_headers, upstream_request_headers};
+pub use routes::{Mode, Refusal, Route, RouteTable};
 
 /// What the forwarding handler needs.
 #[derive(Clone)]
 pub struct Forwarder {
     pub(crate) client: reqwest::Client,
     pub(crate) upstream_base: Url,
+    /// Where each request path goes, and how it is handled.
+    pub(crate) routes: Arc<RouteTable>,
     pub(crate) source: Arc<dyn TokenSource>,
     pub(crate) max_body: usize,
     pub(crate) upstream_timeout: Duration,
@@ -45,6 +51,10 @@ pub struct Forwarder {
     pub(crate) activity: Activity,
     /// Shared by all requests, so that each agent's `tools` are cleaned once.
     pub(crate) sanitizer: Arc<RequestSanitizer>,
+    /// Which fields go for which models and APIs.
+    pub(crate) rules: Arc<ModelRules>,
+    /// `PROXY_STREAM_USAGE=inject`.
+    pub(crate) inject_stream_usage: bool,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -92,7 +102,8 @@ pub async fn forward(fwd: Forwarder, req: Request) -> Response {
 impl Forwarder {
     async fn forward(&self, req: Request) -> Result<Response, ProxyError> {
         let (parts, body) = req.into_parts();
-        let url = self.upstream_url(&parts.uri)?;
+        let target = self.target(&parts.uri)?;
+        let url = target.url;
         let token = parts.extensions.get::<Token>().cloned();
         let headers = upstream_request_headers(&parts.headers);
 
@@ -101,11 +112,24 @@ impl Forwarder {
                 limit: self.max_body,
             });
         }
-        let (mut outgoing, tools) = self.read_body(&parts.headers, body).await?;
+        let agent = Agent::of(&parts.headers);
+        let path_model = match target.mode {
+            Mode::Gemini => routes::gemini_model(url.path()),
+            _ => None,
+        };
+        let (mut outgoing, tools, model) = self
+            .read_body(&parts.headers, body, target.mode, path_model)
+            .await?;
 
         let method = parts.method;
         let mut upstream = self
-            .send(&method, &url, &headers, outgoing.next_body(), None)
+            .send(
+                &method,
+                &url,
+                &headers,
+                outgoing.next_body(),
+                token.as_ref(),
+            )
             .await?;
         let rejected = matches!(
             upstream.status(),
@@ -126,39 +150,46 @@ impl Forwarder {
                 .send(&method, &url, &headers, body, Some(&fresh))
                 .await?;
         }
-        response::relay(upstream, tools, &self.metrics, self.upstream_timeout).await
+        let accounting = model.map(|model| response::Accounting {
+            model,
+            agent,
+            metrics: self.metrics.clone(),
+        });
+        response::relay(
+            upstream,
+            target.mode,
+            tools,
+            accounting,
+            &self.metrics,
+            self.upstream_timeout,
+        )
+        .await
     }
 
-    /// `PROXY_UPSTREAM_BASE` + path + query. The request target never chooses the host: only
-    /// its path and query are used, and a path that climbs out of the base is refused.
-    fn upstream_url(&self, uri: &http::Uri) -> Result<Url, ProxyError> {
+    /// The route's upstream URL and mode. The request target never chooses the host: only its
+    /// path and query are used, and a path that climbs out of its route's base is refused.
+    fn target(&self, uri: &http::Uri) -> Result<routes::Target, ProxyError> {
         let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let path_and_query = if path_and_query.starts_with('/') {
-            path_and_query.to_owned()
-        } else {
-            format!("/{path_and_query}")
-        };
-        let base = self.upstream_base.as_str().trim_end_matches('/');
-        let url = Url::parse(&format!("{base}{path_and_query}"))
-            .map_err(|_| ProxyError::BadRequest("the request path is not valid"))?;
-        let base_path = self.upstream_base.path().trim_end_matches('/');
-        let inside = url.path() == base_path || url.path().starts_with(&format!("{base_path}/"));
-        if url.host() != self.upstream_base.host()
-            || url.port_or_known_default() != self.upstream_base.port_or_known_default()
-            || !inside
-        {
-            return Err(ProxyError::BadRequest(
-                "the request path leaves the upstream base",
-            ));
-        }
-        Ok(url)
+        self.routes
+            .resolve(path_and_query)
+            .map_err(|refusal| match refusal {
+                Refusal::TokenApi => ProxyError::TokenApiRefused,
+                Refusal::NotRoutable => ProxyError::NoRoute,
+                Refusal::LeavesBase => {
+                    ProxyError::BadRequest("the request path leaves the upstream base")
+                }
+            })
     }
 
+    /// The body to send, the tools it declares, and the model it asks for (`path_model` when
+    /// the URL names it).
     async fn read_body(
         &self,
         headers: &HeaderMap,
         body: Body,
-    ) -> Result<(Outgoing, ToolContext), ProxyError> {
+        mode: Mode,
+        path_model: Option<String>,
+    ) -> Result<(Outgoing, ToolContext, Option<String>), ProxyError> {
         let is_json = headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -169,6 +200,7 @@ impl Forwarder {
             return Ok((
                 Outgoing::Streaming(Some(Body::new(limited))),
                 ToolContext::default(),
+                path_model,
             ));
         }
         let bytes = match Limited::new(body, self.max_body).collect().await {
@@ -180,11 +212,27 @@ impl Forwarder {
             }
             Err(_) => return Err(ProxyError::BadRequest("the request body could not be read")),
         };
-        if !is_json || bytes.is_empty() {
-            return Ok((Outgoing::Buffered(bytes), ToolContext::default()));
+        if !is_json || bytes.is_empty() || mode == Mode::Passthrough {
+            return Ok((
+                Outgoing::Buffered(bytes),
+                ToolContext::default(),
+                path_model,
+            ));
         }
+        let model = path_model.or_else(|| fresh_filter::request_model(&bytes));
         let sanitizer = Arc::clone(&self.sanitizer);
-        let outcome = off_worker_if_large(&bytes, move |body| sanitizer.sanitize(body)).await;
+        let rules = Arc::clone(&self.rules);
+        let inject_stream_usage = self.inject_stream_usage;
+        let path_model = model.clone();
+        let outcome = off_worker_if_large(&bytes, move |body| {
+            let context = RequestContext {
+                mode,
+                model: path_model.as_deref(),
+                inject_stream_usage,
+            };
+            sanitizer.sanitize_for(body, &rules, &context)
+        })
+        .await;
         for (kind, count) in outcome.report.iter() {
             self.metrics.filter_action(kind, count);
         }
@@ -192,7 +240,7 @@ impl Forwarder {
             tracing::debug!(report = ?outcome.report, "request sanitised");
         }
         let bytes = outcome.body.map_or(bytes, Bytes::from);
-        Ok((Outgoing::Buffered(bytes), outcome.tools))
+        Ok((Outgoing::Buffered(bytes), outcome.tools, model))
     }
 
     async fn send(
