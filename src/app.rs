@@ -11,7 +11,6 @@ use axum::extract::FromRef;
 use axum::routing::get;
 use fresh_filter::ModelRules;
 use fresh_token::{FreshTokenLayer, TokenSource};
-use http::header::AUTHORIZATION;
 use http::{HeaderValue, Request};
 use reqwest::Url;
 use tower::ServiceBuilder;
@@ -23,6 +22,7 @@ use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::health::{self, HealthState, metrics::Metrics};
+use crate::proxy::models::{self, ModelCatalog, ModelsState};
 use crate::proxy::{self, Forwarder, RouteTable, upstream_client};
 use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 
@@ -30,6 +30,7 @@ use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 #[derive(Clone)]
 pub struct AppState {
     forwarder: Forwarder,
+    catalog: ModelCatalog,
     source: Arc<dyn TokenSource>,
     status: StatusCell,
     metrics: Metrics,
@@ -104,6 +105,11 @@ impl AppState {
         metrics: Metrics,
         activity: Activity,
     ) -> Self {
+        let catalog = ModelCatalog::new(
+            settings.routes.workspace(),
+            source.clone(),
+            settings.upstream_timeout,
+        );
         let forwarder = Forwarder {
             sanitizer: Arc::default(),
             client,
@@ -119,6 +125,7 @@ impl AppState {
         };
         Self {
             forwarder,
+            catalog,
             source,
             status,
             metrics,
@@ -142,6 +149,15 @@ impl AppState {
     }
 }
 
+impl FromRef<AppState> for ModelsState {
+    fn from_ref(app: &AppState) -> Self {
+        ModelsState {
+            catalog: app.catalog.clone(),
+            client: app.forwarder.client.clone(),
+        }
+    }
+}
+
 impl FromRef<AppState> for HealthState {
     fn from_ref(app: &AppState) -> Self {
         HealthState {
@@ -153,8 +169,8 @@ impl FromRef<AppState> for HealthState {
     }
 }
 
-/// The proxy's router: forwarding with token injection on every path, plus `/health`, `/ready`
-/// and `/metrics` for `GET`.
+/// The proxy's router: forwarding with token injection on every path, plus `/health`, `/ready`,
+/// `/metrics`, `/models` and `/v1/models` for `GET`.
 pub fn app(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     let forwarder = state.forwarder.clone();
@@ -175,11 +191,15 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(health::health).fallback_service(forward.clone()))
         .route("/ready", get(health::ready).fallback_service(forward.clone()))
         .route("/metrics", get(health::metrics).fallback_service(forward.clone()))
+        .route("/models", get(models::list).fallback_service(forward.clone()))
+        .route("/v1/models", get(models::list).fallback_service(forward.clone()))
         .fallback_service(forward.clone())
         .with_state(state)
         .layer(
             ServiceBuilder::new()
-                .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
+                .layer(SetSensitiveRequestHeadersLayer::new(
+                    proxy::CREDENTIAL_HEADERS.map(http::HeaderName::from_static),
+                ))
                 .layer(SetRequestIdLayer::x_request_id(request_ids))
                 .layer(
                     TraceLayer::new_for_http()

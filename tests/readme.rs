@@ -324,6 +324,12 @@ fn metrics_page_names_every_exported_metric_and_label() {
     metrics.retry();
     metrics.rotation("ok");
     metrics.filter_action(FilterAction::EmptyTextDropped.as_str(), 1);
+    let usage = fresh_filter::Usage {
+        input: 1,
+        output: 1,
+        cached: 0,
+    };
+    metrics.token_usage("m", fresh_proxy::proxy::Agent::Other, usage);
     let text = metrics.render(Some(60));
     let exported: BTreeSet<String> = text
         .lines()
@@ -398,6 +404,8 @@ fn failure_page_names_every_error_answer() {
         ProxyError::UpstreamUnreachable,
         ProxyError::UpstreamTimeout,
         ProxyError::NoToken,
+        ProxyError::TokenApiRefused,
+        ProxyError::NoRoute,
     ];
     for error in errors {
         let body = error.body();

@@ -11,6 +11,7 @@ mod agent;
 mod client;
 mod error;
 mod headers;
+pub mod models;
 mod response;
 pub mod routes;
 

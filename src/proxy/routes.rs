@@ -119,6 +119,11 @@ impl RouteTable {
         }
     }
 
+    /// The workspace (`DATABRICKS_HOST`).
+    pub fn workspace(&self) -> &Url {
+        &self.workspace
+    }
+
     /// Every route, longest prefix first.
     pub fn routes(&self) -> &[Route] {
         &self.routes
