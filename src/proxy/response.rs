@@ -432,3 +432,74 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod event_stream_tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn upstream(
+        rx: tokio::sync::mpsc::UnboundedReceiver<Result<Bytes, BodyError>>,
+    ) -> UpstreamStream {
+        futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })
+        .boxed()
+    }
+
+    /// Each complete event goes out as soon as its blank line arrives, byte for byte, before the
+    /// next chunk comes; the rest of an event waits for its end.
+    #[tokio::test]
+    async fn events_pass_unchanged_as_soon_as_they_are_whole() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut body = events_body(upstream(rx), Mode::Anthropic, None);
+        let first = "event: message_start\r\ndata: {\"type\":\"message_start\"}\r\n\r\n";
+        tx.send(Ok(Bytes::from(format!("{first}event: ping\ndata: {{\"ty"))))
+            .unwrap();
+        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(frame, first.as_bytes());
+        tx.send(Ok(Bytes::from_static(b"pe\":\"ping\"}\n\n")))
+            .unwrap();
+        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(frame, &b"event: ping\ndata: {\"type\":\"ping\"}\n\n"[..]);
+        // A clean end passes what is left as it is, even without a final blank line.
+        tx.send(Ok(Bytes::from_static(b"data: tail"))).unwrap();
+        drop(tx);
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert_eq!(rest, &b"data: tail"[..]);
+    }
+
+    /// An upstream failure drops the event it cut off and ends with one error event in the
+    /// API's own shape.
+    #[tokio::test]
+    async fn a_broken_stream_ends_with_an_error_event_of_its_api() {
+        let cases = [
+            (
+                Mode::Anthropic,
+                r#"{"type":"error","error":{"type":"api_error","#,
+            ),
+            (
+                Mode::Responses,
+                r#"{"type":"error","code":"upstream_timeout","#,
+            ),
+            (Mode::Gemini, r#"{"error":{"type":"upstream_timeout","#),
+        ];
+        for (mode, start) in cases {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let body = events_body(upstream(rx), mode, None);
+            tx.send(Ok(Bytes::from_static(b"data: {\"a\":1}\n\ndata: {\"cut")))
+                .unwrap();
+            tx.send(Err(BodyError::Stalled(Duration::from_secs(1))))
+                .unwrap();
+            let out = body.collect().await.unwrap().to_bytes();
+            let text = String::from_utf8(out.to_vec()).unwrap();
+            let (kept, error) = text.split_once("event: error\ndata: ").expect(&text);
+            assert_eq!(kept, "data: {\"a\":1}\n\n", "{mode}");
+            assert!(error.starts_with(start), "{mode}: {error}");
+            assert!(error.ends_with("}\n\n"), "{mode}: {error}");
+            let data: serde_json::Value =
+                serde_json::from_str(error.trim_end()).expect("one JSON document");
+            assert!(data.is_object());
+        }
+    }
+}
