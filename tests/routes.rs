@@ -659,3 +659,116 @@ fn a_malformed_routes_or_rules_file_exits_2_naming_the_file_and_line() {
         assert_eq!(stderr.lines().count(), 1, "one message: {stderr}");
     }
 }
+
+/// The binary as a new user runs it: routes built from `DATABRICKS_HOST`, a routes file and the
+/// stream usage setting read, and no agent's key in any log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_routes_every_agent_and_logs_no_key() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(300));
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join(".databrickscfg"),
+        format!("[DEFAULT]\nhost = {}\ntoken = {}\n", ws.url(), pat.value),
+    )
+    .unwrap();
+    let routes = home.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        format!(
+            "[[route]]\nprefix = \"/my-mcp\"\nupstream = \"{}/api/2.0/mcp/functions/main\"\nmode = \"passthrough\"\n",
+            ws.url()
+        ),
+    )
+    .unwrap();
+    let mut cmd = common::binary::command(home.path());
+    cmd.env("PAT_ROTATION", "off")
+        .env("RUST_LOG", "debug")
+        .env("PROXY_ROUTES_FILE", &routes)
+        .env("PROXY_STREAM_USAGE", "inject");
+    let proxy = tokio::task::spawn_blocking(move || common::binary::ProxyProcess::start(cmd))
+        .await
+        .unwrap();
+    let secret = "sk-ant-api03-never-logged-0123456789";
+    let client = http_client();
+
+    let res = client
+        .post(format!("{}/anthropic/v1/messages", proxy.url()))
+        .header("x-api-key", secret)
+        .header("user-agent", "claude-cli/2.0.14 (external, cli)")
+        .json_body(
+            &json!({"model": "databricks-claude-sonnet-4-5", "max_tokens": 64,
+                           "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // Streamed chat without stream_options: usage is asked for (PROXY_STREAM_USAGE=inject).
+    let res = client
+        .post(format!(
+            "{}/serving-endpoints/chat/completions",
+            proxy.url()
+        ))
+        .header("authorization", format!("Bearer {secret}"))
+        .json_body(&json!({"model": "databricks-gpt-5", "stream": true,
+                           "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let events = data_events(&res.text().await.unwrap());
+    assert!(events.iter().any(|e| !e["usage"].is_null()), "{events:?}");
+    let res = client
+        .post(format!("{}/my-mcp/default", proxy.url()))
+        .json_body(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        json_of(res).await["result"]["serverInfo"]["name"],
+        "databricks-mcp/functions/main/default"
+    );
+    let res = client
+        .post(format!("{}/api/2.0/token/create", proxy.url()))
+        .json_body(&json!({"lifetime_seconds": 60}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(ws.stats().creates, 0);
+    let res = client
+        .get(format!("{}/v1/models", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(res).await["data"].as_array().unwrap().len(), 3);
+    let metrics = client
+        .get(format!("{}/metrics", proxy.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        format!(
+            "fresh_proxy_tokens_total{{model=\"databricks-claude-sonnet-4-5\",agent=\"claude-code\",kind=\"input\"}} {USAGE_INPUT_TOKENS}"
+        ),
+        format!(
+            "fresh_proxy_tokens_total{{model=\"databricks-gpt-5\",agent=\"other\",kind=\"output\"}} {USAGE_OUTPUT_TOKENS}"
+        ),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    for call in ws.recorded_requests() {
+        assert!(call.headers.get("x-api-key").is_none());
+        assert_eq!(call.token_id, pat.id);
+    }
+    let logs = proxy.logs();
+    assert!(logs.contains("DEBUG"), "debug logs are on: {logs}");
+    assert!(
+        !logs.contains(secret),
+        "an agent's key in the logs:\n{logs}"
+    );
+    assert!(!logs.contains(&pat.value), "the token in the logs:\n{logs}");
+}
