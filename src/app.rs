@@ -9,9 +9,9 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::FromRef;
 use axum::routing::get;
+use fresh_filter::ModelRules;
 use fresh_token::{FreshTokenLayer, TokenSource};
-use http::header::AUTHORIZATION;
-use http::{HeaderName, HeaderValue, Request};
+use http::{HeaderValue, Request};
 use reqwest::Url;
 use tower::ServiceBuilder;
 use tower_http::request_id::{
@@ -23,13 +23,15 @@ use tracing::Level;
 
 use crate::health::{self, HealthState, metrics::Metrics};
 use crate::proxy::guard::{ClientGuardLayer, ClientPolicy};
-use crate::proxy::{self, BodyBudget, Forwarder, RateLimits, upstream_client};
+use crate::proxy::models::{self, ModelCatalog, ModelsState};
+use crate::proxy::{self, BodyBudget, Forwarder, RateLimits, RouteTable, upstream_client};
 use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 
 /// Everything [`app`] serves from.
 #[derive(Clone)]
 pub struct AppState {
     forwarder: Forwarder,
+    catalog: ModelCatalog,
     source: Arc<dyn TokenSource>,
     status: StatusCell,
     metrics: Metrics,
@@ -59,13 +61,26 @@ pub struct ProxySettings {
     pub body_budget: usize,
     /// How long a replayable request may wait across upstream 429s; zero passes them through.
     pub rate_limit_wait: Duration,
+    /// Where each request path goes, and how it is handled.
+    pub routes: RouteTable,
+    /// Which request fields go for which models and APIs.
+    pub rules: ModelRules,
+    /// Ask for usage on streamed chat requests that did not (`PROXY_STREAM_USAGE=inject`).
+    pub inject_stream_usage: bool,
 }
 
 impl ProxySettings {
     /// `upstream_base` with the default limits (32 MiB bodies, 300 s for headers, a 256 MiB
-    /// body budget, 60 s of waiting across 429s).
+    /// body budget, 60 s of waiting across 429s) and the default routes, taking the workspace
+    /// to be the base's origin.
     pub fn new(upstream_base: Url) -> Self {
+        let mut workspace = upstream_base.clone();
+        workspace.set_path("/");
+        workspace.set_query(None);
         Self {
+            routes: RouteTable::defaults(&workspace, &upstream_base),
+            rules: ModelRules::builtin(),
+            inject_stream_usage: false,
             upstream_base,
             max_body: 32 * 1024 * 1024,
             upstream_timeout: Duration::from_secs(300),
@@ -99,10 +114,18 @@ impl AppState {
         metrics: Metrics,
         activity: Activity,
     ) -> Self {
+        let catalog = ModelCatalog::new(
+            settings.routes.workspace(),
+            source.clone(),
+            settings.upstream_timeout,
+        );
         let forwarder = Forwarder {
             sanitizer: Arc::default(),
             client,
             upstream_base: settings.upstream_base,
+            routes: Arc::new(settings.routes),
+            rules: Arc::new(settings.rules),
+            inject_stream_usage: settings.inject_stream_usage,
             source: source.clone(),
             max_body: settings.max_body,
             upstream_timeout: settings.upstream_timeout,
@@ -113,6 +136,7 @@ impl AppState {
         };
         Self {
             forwarder,
+            catalog,
             source,
             status,
             metrics,
@@ -143,6 +167,15 @@ impl AppState {
     }
 }
 
+impl FromRef<AppState> for ModelsState {
+    fn from_ref(app: &AppState) -> Self {
+        ModelsState {
+            catalog: app.catalog.clone(),
+            client: app.forwarder.client.clone(),
+        }
+    }
+}
+
 impl FromRef<AppState> for HealthState {
     fn from_ref(app: &AppState) -> Self {
         HealthState {
@@ -154,8 +187,8 @@ impl FromRef<AppState> for HealthState {
     }
 }
 
-/// The proxy's router: forwarding with token injection on every path, plus `/health`, `/ready`
-/// and `/metrics` for `GET`.
+/// The proxy's router: forwarding with token injection on every path, plus `/health`, `/ready`,
+/// `/metrics`, `/models` and `/v1/models` for `GET`.
 pub fn app(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     let forwarder = state.forwarder.clone();
@@ -177,14 +210,15 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(health::health).fallback_service(forward.clone()))
         .route("/ready", get(health::ready).fallback_service(forward.clone()))
         .route("/metrics", get(health::metrics).fallback_service(forward.clone()))
+        .route("/models", get(models::list).fallback_service(forward.clone()))
+        .route("/v1/models", get(models::list).fallback_service(forward.clone()))
         .fallback_service(forward.clone())
         .with_state(state)
         .layer(
             ServiceBuilder::new()
-                .layer(SetSensitiveRequestHeadersLayer::new([
-                    AUTHORIZATION,
-                    HeaderName::from_static("x-api-key"),
-                ]))
+                .layer(SetSensitiveRequestHeadersLayer::new(
+                    proxy::CREDENTIAL_HEADERS.map(http::HeaderName::from_static),
+                ))
                 .layer(SetRequestIdLayer::x_request_id(request_ids))
                 .layer(
                     TraceLayer::new_for_http()

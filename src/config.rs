@@ -133,6 +133,79 @@ pub struct Cli {
     /// Client connections and the trust boundary.
     #[command(flatten)]
     pub clients: ClientArgs,
+    /// TOML file of extra routes: `[[route]]` with `prefix`, `upstream` and `mode` (chat, responses, anthropic, gemini, passthrough)
+    #[arg(long, env = "PROXY_ROUTES_FILE", value_name = "PATH")]
+    pub proxy_routes_file: Option<PathBuf>,
+    /// JSON rules file replacing the built-in model rules (which fields go, for which models and APIs) [default: built in]
+    #[arg(long, env = "PROXY_FILTER_RULES", value_name = "PATH")]
+    pub proxy_filter_rules: Option<PathBuf>,
+    /// `inject`: ask for usage on streamed chat requests that did not, where the model accepts it
+    #[arg(long, env = "PROXY_STREAM_USAGE", value_enum, default_value = "keep")]
+    pub proxy_stream_usage: StreamUsage,
+}
+
+/// `PROXY_STREAM_USAGE` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StreamUsage {
+    /// Forward `stream_options` as the client sent it (or as a model rule leaves it).
+    Keep,
+    /// Add `stream_options.include_usage` to streamed chat requests that lack it.
+    Inject,
+}
+
+/// Routing settings: `PROXY_ROUTES_FILE`, `PROXY_FILTER_RULES`, `PROXY_STREAM_USAGE`.
+#[derive(Clone, Debug)]
+pub struct RoutingSettings {
+    /// Routes from `PROXY_ROUTES_FILE`, ahead of the defaults.
+    pub routes: Vec<crate::proxy::Route>,
+    /// The model rules: built in, or `PROXY_FILTER_RULES`.
+    pub rules: fresh_filter::ModelRules,
+    /// `PROXY_STREAM_USAGE`.
+    pub stream_usage: StreamUsage,
+}
+
+impl RoutingSettings {
+    /// Reads and checks the routes and rules files. Their errors name the file and line.
+    fn load(cli: &Cli, host: &Url, home: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        let read = |var: &str, path: &std::path::Path| {
+            let path = expand_home(path, home);
+            std::fs::read_to_string(&path)
+                .map(|text| (path.clone(), text))
+                .map_err(|err| {
+                    ConfigError::var(var, format!("cannot read {}: {err}", path.display()))
+                })
+        };
+        let routes = match &cli.proxy_routes_file {
+            Some(path) => {
+                let (path, text) = read("PROXY_ROUTES_FILE", path)?;
+                crate::proxy::routes::parse_routes_file(
+                    &text,
+                    &path,
+                    host,
+                    cli.proxy_allow_insecure_upstream,
+                )
+                .map_err(|err| ConfigError::var("PROXY_ROUTES_FILE", err))?
+            }
+            None => Vec::new(),
+        };
+        let rules = match &cli.proxy_filter_rules {
+            Some(path) => {
+                let (path, text) = read("PROXY_FILTER_RULES", path)?;
+                fresh_filter::ModelRules::parse(&text).map_err(|err| {
+                    ConfigError::var(
+                        "PROXY_FILTER_RULES",
+                        format!("{}:{}: {}", path.display(), err.line, err.message),
+                    )
+                })?
+            }
+            None => fresh_filter::ModelRules::builtin(),
+        };
+        Ok(Self {
+            routes,
+            rules,
+            stream_usage: cli.proxy_stream_usage,
+        })
+    }
 }
 
 /// `on` / `off`.
@@ -276,6 +349,8 @@ pub struct Config {
     pub clients: ClientSettings,
     /// Problems that did not stop the start, to log once logging is set up.
     pub warnings: Vec<String>,
+    /// Routes, model rules and stream usage.
+    pub routing: RoutingSettings,
 }
 
 /// Invalid configuration: one message naming the variable or file and what is wrong.
@@ -327,6 +402,7 @@ impl Config {
         let config_file = match &cli.databricks_config_file {
             Some(path) => expand_home(path, home.as_deref()),
             None => home
+                .clone()
                 .map(|home| home.join(".databrickscfg"))
                 .ok_or_else(|| {
                     ConfigError::var("DATABRICKS_CONFIG_FILE", "not set and HOME is unknown")
@@ -446,7 +522,10 @@ impl Config {
             ));
         }
 
+        let routing = RoutingSettings::load(cli, &host, home.as_deref())?;
+
         Ok(Self {
+            routing,
             listen: SocketAddr::new(cli.proxy_host, cli.proxy_port),
             config_file,
             profile: profile_name,

@@ -144,6 +144,14 @@ async fn serve(
         upstream_timeout: config.upstream_timeout,
         body_budget: config.body_budget,
         rate_limit_wait: config.rate_limit_wait,
+        routes: fresh_proxy::proxy::RouteTable::with_routes(
+            &config.host,
+            &config.upstream_base,
+            config.routing.routes.clone(),
+        ),
+        rules: config.routing.rules.clone(),
+        inject_stream_usage: config.routing.stream_usage
+            == fresh_proxy::config::StreamUsage::Inject,
     };
     let state = AppState::with_parts(
         settings,

@@ -343,6 +343,12 @@ fn metrics_page_names_every_exported_metric_and_label() {
     metrics.retry();
     metrics.rotation(RotationResult::Ok);
     metrics.filter_action(FilterAction::EmptyTextDropped, 1);
+    let usage = fresh_filter::Usage {
+        input: 1,
+        output: 1,
+        cached: 0,
+    };
+    metrics.token_usage("m", fresh_proxy::proxy::Agent::Other, usage);
     let text = metrics.render(Some(60));
     for outcome in fresh_proxy::health::metrics::RateLimitOutcome::ALL {
         assert!(
@@ -407,6 +413,8 @@ fn failure_page_names_every_error_answer() {
         ProxyError::UpstreamTimeout,
         ProxyError::RateLimited { retry_after: 1 },
         ProxyError::BodyBudgetExhausted { budget: 1 },
+        ProxyError::TokenApiRefused,
+        ProxyError::NoRoute,
     ];
     for error in errors {
         let body = error.body();

@@ -8,7 +8,9 @@
 //!
 //! * [`sanitize_request_bytes`] / [`sanitize_request`] clean a chat request, to a fixed point;
 //! * [`fix_response_bytes`] / [`fix_response`] fix a JSON chat completion;
-//! * [`SseRewriter`] fixes a streamed one, chunk by chunk.
+//! * [`SseRewriter`] fixes a streamed one, chunk by chunk;
+//! * [`ModelRules`] says which fields a given model and API refuse, and
+//!   [`RequestSanitizer::sanitize_for`] applies them before the rest.
 //!
 //! Each reports what it changed in a [`FilterReport`], counted by [`FilterAction`]. Input that
 //! needs no change is never re-serialised: the caller forwards the original bytes.
@@ -23,10 +25,11 @@
 //! let outcome = sanitize_request_bytes(request);
 //! let sanitised: serde_json::Value = serde_json::from_slice(&outcome.body.unwrap())?;
 //! assert_eq!(sanitised["messages"][0]["content"].as_array().unwrap().len(), 1);
-//! assert!(sanitised.get("stream_options").is_none());
+//! // `stream_options` is a matter for the model rules, not for this general pass.
+//! assert!(sanitised.get("stream_options").is_some());
 //! assert_eq!(
 //!     outcome.report.iter().collect::<Vec<_>>(),
-//!     [("empty_text_dropped", 1), ("stream_options_removed", 1)]
+//!     [("empty_text_dropped", 1)]
 //! );
 //!
 //! // The response to it names the tool inside the arguments.
@@ -52,16 +55,23 @@ mod proptests;
 mod report;
 mod request;
 mod response;
+mod rules;
 mod schema;
 mod sse;
 #[cfg(test)]
 mod test_support;
+mod usage;
 mod view;
 
 pub use report::{FilterAction, FilterReport};
+pub use request::request_model;
 pub use request::{RequestOutcome, RequestSanitizer, sanitize_request, sanitize_request_bytes};
 pub use response::{ToolContext, fix_response, fix_response_bytes};
+pub use rules::{
+    BUILTIN_RULES, FieldPath, Glob, Mode, ModelRules, RequestContext, Rule, RulesError,
+};
 pub use sse::{SseLimits, SseRewriter};
+pub use usage::{Usage, UsageScanner, usage_of_json};
 
 /// The placeholder name some served models give every tool call.
 pub const DATABRICKS_TOOL_CALL: &str = "databricks-tool-call";

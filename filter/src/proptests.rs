@@ -449,7 +449,8 @@ proptest! {
         prop_assert!(sanitize_request(&mut twice).is_empty());
         prop_assert_eq!(&twice, &once);
         prop_assert_eq!(all_property_names(&once), all_property_names(&original));
-        prop_assert!(once.get("stream_options").is_none());
+        // `stream_options` belongs to the model rules: the general pass keeps it.
+        prop_assert_eq!(once.get("stream_options"), original.get("stream_options"));
 
         // Whatever the text rules left, no empty text and no empty non-tool message remains.
         for message in once["messages"].as_array().unwrap() {
@@ -729,5 +730,144 @@ proptest! {
     #[test]
     fn raw_paths_agree_with_keys_given_twice(original in duplicate_key_request()) {
         check_raw_paths(original.as_bytes())?;
+    }
+}
+
+/// A chat request as agents send it to a given model, with the fields the built-in rules know
+/// of here and there: `stream`, `stream_options`, `reasoning_effort`, `verbosity`, and
+/// `reasoning_content` on assistant messages.
+fn ruled_request() -> impl Strategy<Value = (Value, &'static str)> {
+    (
+        request(),
+        prop::sample::select(
+            &[
+                "databricks-gemini-2-5-pro",
+                "databricks-claude-sonnet-4-5",
+                "databricks-gpt-5",
+                "databricks-meta-llama-3-3-70b-instruct",
+            ][..],
+        ),
+        any::<(bool, bool, bool, bool)>(),
+    )
+        .prop_map(
+            |(mut request, model, (stream, effort, verbosity, reasoning))| {
+                request["model"] = json!(model);
+                if stream {
+                    request["stream"] = json!(true);
+                }
+                if effort {
+                    request["reasoning_effort"] = json!("high");
+                }
+                if verbosity {
+                    request["verbosity"] = json!("low");
+                }
+                if reasoning {
+                    for message in request["messages"].as_array_mut().unwrap() {
+                        if message["role"] == "assistant" {
+                            message["reasoning_content"] = json!("thought");
+                        }
+                    }
+                }
+                (request, model)
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(config(128))]
+
+    /// The model rules on raw bytes agree with the rules on a parsed request: what a matching
+    /// rule names is gone, everything else is as the general pass leaves it, usage is asked for
+    /// exactly when the request streams without it and the model keeps `stream_options`, and a
+    /// second pass changes nothing.
+    #[test]
+    fn model_rules_remove_what_they_name_and_settle(
+        (original, model) in ruled_request(),
+        inject in any::<bool>(),
+    ) {
+        use super::{Mode, ModelRules, RequestContext};
+        let rules = ModelRules::builtin();
+        let context = RequestContext { inject_stream_usage: inject, ..RequestContext::new(Mode::Chat) };
+        let sanitizer = RequestSanitizer::new();
+        let bytes = serde_json::to_vec(&original).unwrap();
+        let outcome = sanitizer.sanitize_for(&bytes, &rules, &context);
+        let sent: Value = match &outcome.body {
+            Some(body) => serde_json::from_slice(body).unwrap(),
+            None => original.clone(),
+        };
+        prop_assert_eq!(outcome.body.is_none(), outcome.report.is_empty());
+
+        // The same rules on the parsed request, then the general pass.
+        let removals = rules.removals(Mode::Chat, Some(model));
+        let mut expected = original.clone();
+        let mut report = super::FilterReport::default();
+        super::rules::apply_to_value(expected.as_object_mut().unwrap(), &removals, inject, &mut report);
+        report.merge(&sanitize_request(&mut expected));
+        prop_assert_eq!(&sent, &expected);
+        prop_assert_eq!(&outcome.report, &report);
+
+        let gemini = model.contains("gemini");
+        prop_assert_eq!(
+            sent.get("stream_options").is_some(),
+            !gemini && (original.get("stream_options").is_some()
+                || (inject && original.get("stream") == Some(&json!(true))))
+        );
+        if model.contains("claude") {
+            prop_assert!(sent.get("reasoning_effort").is_none());
+        } else {
+            prop_assert_eq!(sent.get("reasoning_effort"), original.get("reasoning_effort"));
+        }
+        if !model.contains("gpt-5") {
+            prop_assert!(sent.get("verbosity").is_none());
+        }
+        if !model.contains("llama") {
+            for message in sent["messages"].as_array().unwrap() {
+                prop_assert!(message.get("reasoning_content").is_none());
+            }
+        }
+
+        let again = sanitizer.sanitize_for(&serde_json::to_vec(&sent).unwrap(), &rules, &context);
+        prop_assert!(again.body.is_none(), "not settled: {:?}", again.report);
+    }
+
+    /// Gemini's native requests lose exactly the `id` of their function calls and responses.
+    #[test]
+    fn gemini_native_requests_lose_only_function_ids(
+        ids in prop::collection::vec(any::<(bool, bool)>(), 0..6),
+        text in "[a-z ]{0,8}",
+    ) {
+        use super::{Mode, ModelRules, RequestContext};
+        let parts: Vec<Value> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &(call, with_id))| {
+                let key = if call { "functionCall" } else { "functionResponse" };
+                let mut inner = json!({"name": format!("f{i}"), "args": {"id": i}});
+                if with_id {
+                    inner["id"] = json!(format!("c{i}"));
+                }
+                json!({ key: inner })
+            })
+            .chain([json!({"text": text})])
+            .collect();
+        let original = json!({"contents": [{"role": "model", "parts": parts}], "generationConfig": {}});
+        let bytes = serde_json::to_vec(&original).unwrap();
+        let context = RequestContext { model: Some("databricks-gemini-2-5-pro"), ..RequestContext::new(Mode::Gemini) };
+        let outcome = RequestSanitizer::new().sanitize_for(&bytes, &ModelRules::builtin(), &context);
+        let with_id = ids.iter().filter(|(_, with_id)| *with_id).count() as u64;
+        prop_assert_eq!(outcome.report.get(FilterAction::ModelFieldRemoved), with_id);
+        let sent: Value = match outcome.body {
+            Some(body) => serde_json::from_slice(&body).unwrap(),
+            None => original.clone(),
+        };
+        let mut expected = original;
+        for part in expected["contents"][0]["parts"].as_array_mut().unwrap() {
+            for key in ["functionCall", "functionResponse"] {
+                if let Some(inner) = part.get_mut(key).and_then(Value::as_object_mut) {
+                    inner.shift_remove("id");
+                }
+            }
+        }
+        prop_assert_eq!(sent, expected);
     }
 }

@@ -18,7 +18,7 @@ pub enum FilterAction {
     SchemaKeywordRemoved,
     /// A `required` entry naming no declared property was removed from a tool's schema.
     SchemaRequiredPruned,
-    /// The top-level `stream_options` was removed from a request.
+    /// A model rule removed the top-level `stream_options` from a request.
     StreamOptionsRemoved,
     /// A `databricks-tool-call` tool call was renamed to the tool named in its arguments.
     ToolNameRemapped,
@@ -28,11 +28,16 @@ pub enum FilterAction {
     SseFlushUnchangedOverBound,
     /// One SSE event was larger than the event bound and was copied through unparsed.
     SseEventOverBound,
+    /// A model rule removed a field other than `stream_options` (`reasoning_effort`, ...).
+    ModelFieldRemoved,
+    /// `stream_options.include_usage` was added to a streamed chat request
+    /// (`PROXY_STREAM_USAGE=inject`).
+    StreamUsageRequested,
 }
 
 impl FilterAction {
     /// Every kind, in a stable order.
-    pub const ALL: [FilterAction; 10] = [
+    pub const ALL: [FilterAction; 12] = [
         FilterAction::EmptyTextDropped,
         FilterAction::OrphanToolResultDropped,
         FilterAction::EmptyMessageDropped,
@@ -43,6 +48,8 @@ impl FilterAction {
         FilterAction::FinishReasonFixed,
         FilterAction::SseFlushUnchangedOverBound,
         FilterAction::SseEventOverBound,
+        FilterAction::ModelFieldRemoved,
+        FilterAction::StreamUsageRequested,
     ];
 
     /// The snake_case label of this kind, as reported in metrics and logs.
@@ -58,6 +65,8 @@ impl FilterAction {
             FilterAction::FinishReasonFixed => "finish_reason_fixed",
             FilterAction::SseFlushUnchangedOverBound => "sse_flush_unchanged_over_bound",
             FilterAction::SseEventOverBound => "sse_event_over_bound",
+            FilterAction::ModelFieldRemoved => "model_field_removed",
+            FilterAction::StreamUsageRequested => "stream_usage_requested",
         }
     }
 

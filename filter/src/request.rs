@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use super::report::{FilterAction, FilterReport};
 use super::response::ToolContext;
+use super::rules::{self, FieldPath, Mode, ModelRules, RequestContext};
 use super::schema::strip_schema;
 use super::view::{self, Messages, Verdict};
 
@@ -110,6 +111,48 @@ impl RequestSanitizer {
         sanitize_bytes(body, Some(self))
     }
 
+    /// The model rules for the request's API and model first, then (for the APIs whose shape
+    /// it knows, [`Mode::sanitizes`]) [`RequestSanitizer::sanitize`]. Passthrough requests
+    /// come back untouched.
+    pub fn sanitize_for(
+        &self,
+        body: &[u8],
+        rules: &ModelRules,
+        context: &RequestContext<'_>,
+    ) -> RequestOutcome {
+        if context.mode == Mode::Passthrough {
+            return RequestOutcome::default();
+        }
+        let first = body.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return RequestOutcome::default();
+        }
+        let named_in_body;
+        let model = match context.model {
+            Some(model) => Some(model),
+            None => {
+                named_in_body = model_of(body);
+                named_in_body.as_deref()
+            }
+        };
+        let removals = rules.removals(context.mode, model);
+        let inject = context.inject_stream_usage && context.mode == Mode::Chat;
+        let (ruled, mut report) = apply_rules(body, &removals, inject);
+        if !context.mode.sanitizes() {
+            return match ruled {
+                Some(body) => RequestOutcome::changed(body, report, ToolContext::default()),
+                None => RequestOutcome::unchanged(ToolContext::default()),
+            };
+        }
+        let mut outcome = sanitize_bytes(ruled.as_deref().unwrap_or(body), Some(self));
+        report.merge(&outcome.report);
+        outcome.report = report;
+        if outcome.body.is_none() {
+            outcome.body = ruled;
+        }
+        outcome
+    }
+
     fn recall(&self, raw: &str) -> Option<Arc<CleanTools>> {
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         let at = recent.iter().position(|entry| &*entry.raw == raw)?;
@@ -158,6 +201,112 @@ enum Member {
     Remove,
 }
 
+/// The `model` a request body names, if it names one as a string.
+pub fn request_model(body: &[u8]) -> Option<String> {
+    model_of(body)
+}
+
+fn model_of(body: &[u8]) -> Option<String> {
+    match view::members(body) {
+        Some(members) => members
+            .iter()
+            .rev()
+            .find(|(key, _)| key == "model")
+            .and_then(|(_, raw)| serde_json::from_str(raw.get()).ok()),
+        None => serde_json::from_slice::<Value>(body)
+            .ok()?
+            .get("model")?
+            .as_str()
+            .map(str::to_owned),
+    }
+}
+
+/// Removes what `removals` name and asks for stream usage when `inject`; only the members a
+/// rule touches are parsed and written anew. `None`: nothing changed.
+fn apply_rules(
+    body: &[u8],
+    removals: &[&FieldPath],
+    inject: bool,
+) -> (Option<Vec<u8>>, FilterReport) {
+    let mut report = FilterReport::default();
+    let touched = |path: &&FieldPath| super::contains(body, &format!("\"{}\"", path.leaf()));
+    let injectable = inject
+        && super::contains(body, "\"stream\"")
+        && !super::contains(body, "\"stream_options\"");
+    if !injectable && !removals.iter().any(touched) {
+        return (None, report);
+    }
+    let Some(members) = view::members(body) else {
+        // A key given twice: the whole body, parsed.
+        let Ok(Value::Object(mut request)) = serde_json::from_slice::<Value>(body) else {
+            return (None, report);
+        };
+        rules::apply_to_value(&mut request, removals, inject, &mut report);
+        if report.is_empty() {
+            return (None, report);
+        }
+        return (serde_json::to_vec(&request).ok(), report);
+    };
+    let mut out = Vec::with_capacity(body.len() + 40);
+    out.push(b'{');
+    let mut first = true;
+    let mut seen = Map::new();
+    for (key, raw) in &members {
+        let paths: Vec<&FieldPath> = removals
+            .iter()
+            .copied()
+            .filter(|path| path.head() == &**key)
+            .collect();
+        let mut value_out: Option<Vec<u8>> = None;
+        if !paths.is_empty() {
+            let Ok(value) = serde_json::from_str::<Value>(raw.get()) else {
+                return (None, FilterReport::default());
+            };
+            let mut one = Map::from_iter([(key.to_string(), value)]);
+            let before = report.total();
+            rules::apply_to_value(&mut one, &paths, false, &mut report);
+            if report.total() != before {
+                match one.get(&**key) {
+                    None => continue,
+                    Some(value) => value_out = serde_json::to_vec(value).ok(),
+                }
+            }
+        }
+        if key == "stream" || key == "stream_options" {
+            seen.insert(
+                key.to_string(),
+                serde_json::from_str(raw.get()).unwrap_or(Value::Null),
+            );
+        }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        let _ = serde_json::to_writer(&mut out, &**key);
+        out.push(b':');
+        match &value_out {
+            Some(value) => out.extend_from_slice(value),
+            None => out.extend_from_slice(raw.get().as_bytes()),
+        }
+    }
+    if inject {
+        // Only `stream` and `stream_options` decide; the rest of the request is not needed.
+        let before = report.total();
+        rules::apply_to_value(&mut seen, removals, true, &mut report);
+        if report.total() != before && seen.contains_key("stream_options") {
+            if !first {
+                out.push(b',');
+            }
+            out.extend_from_slice(br#""stream_options":{"include_usage":true}"#);
+        }
+    }
+    out.push(b'}');
+    if report.is_empty() {
+        return (None, report);
+    }
+    (Some(out), report)
+}
+
 fn sanitize_bytes(body: &[u8], sanitizer: Option<&RequestSanitizer>) -> RequestOutcome {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
@@ -171,10 +320,6 @@ fn sanitize_bytes(body: &[u8], sanitizer: Option<&RequestSanitizer>) -> RequestO
     let mut out: Vec<Member> = Vec::with_capacity(members.len());
     for (key, raw) in &members {
         let member = match &**key {
-            "stream_options" => {
-                report.bump(FilterAction::StreamOptionsRemoved);
-                Member::Remove
-            }
             "messages" => match view::messages(raw) {
                 Messages::List(list) => sanitize_message_list(&list, &mut report)
                     .unwrap_or_else(|| sanitize_member(key, raw, &mut report).0),
@@ -342,10 +487,6 @@ fn sanitize_whole(body: &[u8]) -> RequestOutcome {
 /// One pass of every rule. Returns whether anything changed.
 fn sanitize_pass(request: &mut Map<String, Value>, report: &mut FilterReport) -> bool {
     let mut changed = false;
-    if request.shift_remove("stream_options").is_some() {
-        report.bump(FilterAction::StreamOptionsRemoved);
-        changed = true;
-    }
     if let Some(Value::Array(system)) = request.get_mut("system")
         && drop_empty_text(system, report)
     {
@@ -764,9 +905,10 @@ mod tests {
             "required": ["pattern", "minLength"]});
         #[rustfmt::skip]
         let cases: Vec<(Value, Value, Counts)> = vec![
+            // stream_options is the model rules' business: the general pass keeps it.
             (json!({"stream": true, "stream_options": {"include_usage": true}, "messages": []}),
-             json!({"stream": true, "messages": []}),
-             &[("stream_options_removed", 1)]),
+             json!({"stream": true, "stream_options": {"include_usage": true}, "messages": []}),
+             &[]),
             // OpenAI chat tools. Real properties named pattern and minLength survive.
             (json!({"tools": [{"type": "function", "function": {"name": "grep", "parameters": schema_in}}]}),
              json!({"tools": [{"type": "function", "function": {"name": "grep", "parameters": schema_out}}]}),
@@ -824,35 +966,31 @@ mod tests {
         assert!(outcome.body.is_none() && outcome.report.is_empty());
         assert_eq!(outcome.tools.declared().collect::<Vec<_>>(), ["bash"]);
 
-        let changed = br#"{"stream_options": {}, "messages": [{"role": "user", "content": "q"}]}"#;
+        let changed = br#"{"stream_options": {}, "messages": [{"role": "user", "content": " "}, {"role": "user", "content": "q"}]}"#;
         let outcome = sanitize_request_bytes(changed);
         let body: Value = serde_json::from_slice(&outcome.body.unwrap()).unwrap();
         assert_eq!(
             body,
-            json!({"messages": [{"role": "user", "content": "q"}]})
+            json!({"stream_options": {}, "messages": [{"role": "user", "content": "q"}]})
         );
-        assert_eq!(outcome.report.get(FilterAction::StreamOptionsRemoved), 1);
+        assert_eq!(outcome.report.get(FilterAction::EmptyMessageDropped), 1);
     }
 
     #[test]
     fn only_changed_members_are_written_anew() {
         // Untouched members keep their bytes, spacing and escapes included; the order stays.
-        let body = br#"{ "model" : "m\u00e9",  "stream_options": {"include_usage": true},
+        let body = br#"{ "model" : "m\u00e9",  "stream_options": {"include_usage": true} ,
             "messages": [ {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "q"}]} ],
             "metadata": {"a" : [1, 2]},
             "tools": [ {"name": "bash", "input_schema": {"$schema": "s", "type": "object"}} ] }"#;
         let outcome = sanitize_request_bytes(body);
         assert_eq!(
             String::from_utf8(outcome.body.unwrap()).unwrap(),
-            r#"{"model":"m\u00e9","messages":[{"role":"user","content":[{"type":"text","text":"q"}]}],"metadata":{"a" : [1, 2]},"tools":[{"name":"bash","input_schema":{"type":"object"}}]}"#
+            r#"{"model":"m\u00e9","stream_options":{"include_usage": true},"messages":[{"role":"user","content":[{"type":"text","text":"q"}]}],"metadata":{"a" : [1, 2]},"tools":[{"name":"bash","input_schema":{"type":"object"}}]}"#
         );
         assert_eq!(
             outcome.report.iter().collect::<Vec<_>>(),
-            [
-                ("empty_text_dropped", 1),
-                ("schema_keyword_removed", 1),
-                ("stream_options_removed", 1)
-            ]
+            [("empty_text_dropped", 1), ("schema_keyword_removed", 1)]
         );
         assert_eq!(outcome.tools.declared().collect::<Vec<_>>(), ["bash"]);
 
@@ -916,13 +1054,13 @@ mod tests {
     fn numbers_past_f64_are_copied_as_they_came() {
         // Well-formed JSON that a `Value` cannot hold is still filtered; the member it sits in
         // is copied untouched.
-        let body = br#"{"stream_options": {}, "seed": 5e55555555, "messages": []}"#;
+        let body = br#"{"seed": 5e55555555, "messages": [{"role": "user", "content": ""}]}"#;
         let outcome = sanitize_request_bytes(body);
         assert_eq!(
             outcome.body.as_deref(),
             Some(&br#"{"seed":5e55555555,"messages":[]}"#[..])
         );
-        assert_eq!(outcome.report.get(FilterAction::StreamOptionsRemoved), 1);
+        assert_eq!(outcome.report.get(FilterAction::EmptyMessageDropped), 1);
     }
 
     #[test]

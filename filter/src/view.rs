@@ -154,7 +154,6 @@ pub(crate) fn clean_request(body: &[u8]) -> Option<ToolContext> {
     let mut declared = ToolContext::default();
     for (key, raw) in members(body)? {
         let clean = match &*key {
-            "stream_options" => false,
             "messages" => messages(raw).is_clean(),
             "system" => system_is_clean(raw),
             "tools" => {
@@ -726,9 +725,9 @@ mod tests {
             (r#"{"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1"}]}, {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t2"}]}]}"#, false),
             (r#"{"messages": [{"role": "assistant", "content": [{"type": "text", "id": "t1"}]}, {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1"}]}]}"#, false),
             (r#"{"messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}"#, true),
-            // stream_options, whatever its value.
-            (r#"{"stream_options": {"include_usage": true}}"#, false),
-            (r#"{"stream_options": null}"#, false),
+            // stream_options is the model rules' business, not the general pass's.
+            (r#"{"stream_options": {"include_usage": true}}"#, true),
+            (r#"{"stream_options": null}"#, true),
             (r#"{"messages": [{"role": "user", "content": "q", "stream_options": 1}]}"#, true),
             // Schemas.
             (r#"{"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"$schema": {"type": "string", "pattern": "a"}, "additionalProperties": {}}, "required": ["$schema"]}}}]}"#, true),

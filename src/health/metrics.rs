@@ -155,6 +155,7 @@ pub struct Metrics {
     filter_actions: Family<KindLabel, Counter>,
     persist_failures: Counter,
     rate_limited: Family<OutcomeLabel, Counter>,
+    usage: super::usage::TokenUsage,
     registry: std::sync::Arc<Registry>,
 }
 
@@ -238,7 +239,10 @@ impl Metrics {
             "Upstream 429s by outcome: absorbed (waited out and replayed) or passed to the client",
             rate_limited.clone(),
         );
+        let usage = super::usage::TokenUsage::default();
+        usage.register(&mut registry);
         Self {
+            usage,
             requests,
             upstream_latency,
             retries,
@@ -308,6 +312,11 @@ impl Metrics {
                 outcome: outcome.as_str(),
             })
             .inc();
+    }
+
+    /// Count the tokens one answered model call used.
+    pub fn token_usage(&self, model: &str, agent: crate::proxy::Agent, usage: fresh_filter::Usage) {
+        self.usage.record(model, agent, usage);
     }
 
     /// Prometheus text exposition, with the token gauge set to `seconds_to_expiry`. An unknown

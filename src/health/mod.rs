@@ -2,6 +2,7 @@
 //! published status and the metrics, nothing of the forwarding path.
 
 pub mod metrics;
+mod usage;
 
 use std::sync::Arc;
 use std::time::SystemTime;

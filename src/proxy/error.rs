@@ -30,6 +30,10 @@ pub enum ProxyError {
         /// The budget, in bytes.
         budget: usize,
     },
+    /// The path is the workspace's token API, which is never reachable through the proxy.
+    TokenApiRefused,
+    /// The path matches no route (under `/api/`, only managed MCP servers are routed).
+    NoRoute,
 }
 
 /// Seconds a client is asked to wait after a full body budget: bodies in flight are usually
@@ -66,6 +70,16 @@ impl ProxyError {
                 format!(
                     "request bodies being filtered already take the budget of {budget} bytes; retry shortly"
                 ),
+            ),
+            Self::TokenApiRefused => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the workspace token API is not reachable through the proxy".to_owned(),
+            ),
+            Self::NoRoute => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no route for this path: under /api/ only /api/2.0/mcp/ is forwarded".to_owned(),
             ),
         }
     }

@@ -10,10 +10,17 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     ) || name.as_str().starts_with("proxy-")
 }
 
+/// Credentials agents send in headers of their own: Anthropic's `x-api-key`, Azure OpenAI's
+/// `api-key`, Gemini's `x-goog-api-key`, and `Authorization`. None of them goes upstream: a
+/// gateway that sees one next to the bearer refuses the call (Databricks' Anthropic route
+/// refuses `x-api-key`), and the agent's key is no business of the workspace.
+pub const CREDENTIAL_HEADERS: [&str; 4] =
+    ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
+
 /// Request headers to send upstream: everything but hop-by-hop headers, headers the
-/// `Connection` header names, and those the client library sets itself (`Host`,
-/// `Content-Length`, `Accept-Encoding`, `Expect`). `Authorization` stays: it is the injected
-/// token by now.
+/// `Connection` header names, those the client library sets itself (`Host`, `Content-Length`,
+/// `Accept-Encoding`, `Expect`), and every credential ([`CREDENTIAL_HEADERS`]): the token goes
+/// in when the request is sent.
 pub fn upstream_request_headers(incoming: &HeaderMap) -> HeaderMap {
     let mut out = filtered(incoming);
     for name in [
@@ -22,6 +29,9 @@ pub fn upstream_request_headers(incoming: &HeaderMap) -> HeaderMap {
         header::ACCEPT_ENCODING,
         header::EXPECT,
     ] {
+        out.remove(name);
+    }
+    for name in CREDENTIAL_HEADERS {
         out.remove(name);
     }
     out
@@ -73,13 +83,16 @@ mod tests {
             ("content-type", "application/json"),
             ("x-custom", "kept"),
             ("authorization", "Bearer injected"),
+            ("x-api-key", "sk-ant-agent"),
+            ("api-key", "azure-key"),
+            ("x-goog-api-key", "AIza-key"),
         ] {
             headers.append(name, value.parse().unwrap());
         }
         let up = upstream_request_headers(&headers);
         let mut kept: Vec<_> = up.keys().map(|k| k.as_str()).collect();
         kept.sort_unstable();
-        assert_eq!(kept, ["authorization", "content-type", "x-custom"]);
+        assert_eq!(kept, ["content-type", "x-custom"]);
 
         let down = client_response_headers(&headers);
         let mut kept: Vec<_> = down.keys().map(|k| k.as_str()).collect();
@@ -88,11 +101,14 @@ mod tests {
             kept,
             [
                 "accept-encoding",
+                "api-key",
                 "authorization",
                 "content-length",
                 "content-type",
                 "host",
-                "x-custom"
+                "x-api-key",
+                "x-custom",
+                "x-goog-api-key"
             ]
         );
     }

@@ -12,13 +12,16 @@
 //! replayable request is sent again after it, within `PROXY_RATE_LIMIT_WAIT` ([`rate_limit`]).
 
 mod body_budget;
+mod agent;
 mod client;
 mod cooldown;
 mod error;
 pub mod guard;
 mod headers;
+pub mod models;
 mod rate_limit;
 mod response;
+pub mod routes;
 mod scrub;
 
 use std::sync::Arc;
@@ -36,7 +39,7 @@ use reqwest::Url;
 
 use crate::health::metrics::{Metrics, RateLimitOutcome};
 use crate::token::status::Activity;
-use fresh_filter::{RequestSanitizer, ToolContext};
+use fresh_filter::{ModelRules, RequestContext, RequestSanitizer, ToolContext};
 
 pub(crate) use body_budget::BodyBudget;
 use body_budget::BudgetShare;
@@ -44,15 +47,19 @@ use cooldown::retry_after_secs;
 pub(crate) use rate_limit::RateLimits;
 use rate_limit::{TooLong, endpoint_key};
 
+pub use agent::Agent;
 pub use client::{install_crypto_provider, upstream_client};
 pub use error::ProxyError;
-pub use headers::{client_response_headers, upstream_request_headers};
+pub use headers::{CREDENTIAL_HEADERS, client_response_headers, upstream_request_headers};
+pub use routes::{Mode, Refusal, Route, RouteTable};
 
 /// What the forwarding handler needs.
 #[derive(Clone)]
 pub struct Forwarder {
     pub(crate) client: reqwest::Client,
     pub(crate) upstream_base: Url,
+    /// Where each request path goes, and how it is handled.
+    pub(crate) routes: Arc<RouteTable>,
     pub(crate) source: Arc<dyn TokenSource>,
     pub(crate) max_body: usize,
     pub(crate) upstream_timeout: Duration,
@@ -64,6 +71,10 @@ pub struct Forwarder {
     pub(crate) body_budget: BodyBudget,
     /// Cooldowns of rate-limited upstream endpoints, across requests.
     pub(crate) rate_limits: RateLimits,
+    /// Which fields go for which models and APIs.
+    pub(crate) rules: Arc<ModelRules>,
+    /// `PROXY_STREAM_USAGE=inject`.
+    pub(crate) inject_stream_usage: bool,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -116,7 +127,8 @@ pub async fn forward(fwd: Forwarder, req: Request) -> Response {
 impl Forwarder {
     async fn forward(&self, req: Request) -> Result<Response, ProxyError> {
         let (parts, body) = req.into_parts();
-        let url = self.upstream_url(&parts.uri)?;
+        let target = self.target(&parts.uri)?;
+        let url = target.url;
         let token = parts.extensions.get::<Token>().cloned();
         let headers = upstream_request_headers(&parts.headers);
 
@@ -125,8 +137,15 @@ impl Forwarder {
                 limit: self.max_body,
             });
         }
+        let agent = Agent::of(&parts.headers);
+        let path_model = match target.mode {
+            Mode::Gemini => routes::gemini_model(url.path()),
+            _ => None,
+        };
         // Held until the answer's headers are in: the body stays in memory until then.
-        let (mut outgoing, tools, _budget) = self.read_body(&parts.headers, body).await?;
+        let (mut outgoing, tools, model, _budget) = self
+            .read_body(&parts.headers, body, target.mode, path_model)
+            .await?;
 
         let method = parts.method;
         let mut held = Held::new(&self.rate_limits);
@@ -167,39 +186,46 @@ impl Forwarder {
                 )
                 .await?;
         }
-        response::relay(upstream, tools, &self.metrics, self.upstream_timeout).await
+        let accounting = model.map(|model| response::Accounting {
+            model,
+            agent,
+            metrics: self.metrics.clone(),
+        });
+        response::relay(
+            upstream,
+            target.mode,
+            tools,
+            accounting,
+            &self.metrics,
+            self.upstream_timeout,
+        )
+        .await
     }
 
-    /// `PROXY_UPSTREAM_BASE` + path + query. The request target never chooses the host: only
-    /// its path and query are used, and a path that climbs out of the base is refused.
-    fn upstream_url(&self, uri: &http::Uri) -> Result<Url, ProxyError> {
+    /// The route's upstream URL and mode. The request target never chooses the host: only its
+    /// path and query are used, and a path that climbs out of its route's base is refused.
+    fn target(&self, uri: &http::Uri) -> Result<routes::Target, ProxyError> {
         let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let path_and_query = if path_and_query.starts_with('/') {
-            path_and_query.to_owned()
-        } else {
-            format!("/{path_and_query}")
-        };
-        let base = self.upstream_base.as_str().trim_end_matches('/');
-        let url = Url::parse(&format!("{base}{path_and_query}"))
-            .map_err(|_| ProxyError::BadRequest("the request path is not valid"))?;
-        let base_path = self.upstream_base.path().trim_end_matches('/');
-        let inside = url.path() == base_path || url.path().starts_with(&format!("{base_path}/"));
-        if url.host() != self.upstream_base.host()
-            || url.port_or_known_default() != self.upstream_base.port_or_known_default()
-            || !inside
-        {
-            return Err(ProxyError::BadRequest(
-                "the request path leaves the upstream base",
-            ));
-        }
-        Ok(url)
+        self.routes
+            .resolve(path_and_query)
+            .map_err(|refusal| match refusal {
+                Refusal::TokenApi => ProxyError::TokenApiRefused,
+                Refusal::NotRoutable => ProxyError::NoRoute,
+                Refusal::LeavesBase => {
+                    ProxyError::BadRequest("the request path leaves the upstream base")
+                }
+            })
     }
 
+    /// The body to send, the tools it declares, and the model it asks for (`path_model` when
+    /// the URL names it).
     async fn read_body(
         &self,
         headers: &HeaderMap,
         body: Body,
-    ) -> Result<(Outgoing, ToolContext, Option<BudgetShare>), ProxyError> {
+        mode: Mode,
+        path_model: Option<String>,
+    ) -> Result<(Outgoing, ToolContext, Option<String>, Option<BudgetShare>), ProxyError> {
         let is_json = headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -210,25 +236,39 @@ impl Forwarder {
             return Ok((
                 Outgoing::Streaming(Some(Body::new(limited))),
                 ToolContext::default(),
+                path_model,
                 None,
             ));
         }
         let (bytes, share) = self.read_whole(headers, body).await?;
-        if !is_json || bytes.is_empty() {
+        if !is_json || bytes.is_empty() || mode == Mode::Passthrough {
             return Ok((
                 Outgoing::Buffered(bytes),
                 ToolContext::default(),
+                path_model,
                 Some(share),
             ));
         }
+        let model = path_model.or_else(|| fresh_filter::request_model(&bytes));
         let sanitizer = Arc::clone(&self.sanitizer);
-        let outcome = off_worker_if_large(&bytes, move |body| sanitizer.sanitize(body)).await;
+        let rules = Arc::clone(&self.rules);
+        let inject_stream_usage = self.inject_stream_usage;
+        let path_model = model.clone();
+        let outcome = off_worker_if_large(&bytes, move |body| {
+            let context = RequestContext {
+                mode,
+                model: path_model.as_deref(),
+                inject_stream_usage,
+            };
+            sanitizer.sanitize_for(body, &rules, &context)
+        })
+        .await;
         self.metrics.filter_report(&outcome.report);
         if !outcome.report.is_empty() {
             tracing::debug!(report = ?outcome.report, "request sanitised");
         }
         let bytes = outcome.body.map_or(bytes, Bytes::from);
-        Ok((Outgoing::Buffered(bytes), outcome.tools, Some(share)))
+        Ok((Outgoing::Buffered(bytes), outcome.tools, model, Some(share)))
     }
 
     /// The whole body, within `PROXY_MAX_BODY` and the body budget. A declared length takes its

@@ -10,11 +10,14 @@ use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use http::HeaderValue;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 
+use super::agent::Agent;
 use super::describe_error;
 use super::error::ProxyError;
 use super::headers::client_response_headers;
 use crate::health::metrics::Metrics;
-use fresh_filter::{self as filter, FilterReport, SseLimits, SseRewriter, ToolContext};
+use fresh_filter::{
+    self as filter, FilterReport, Mode, SseLimits, SseRewriter, ToolContext, UsageScanner,
+};
 
 /// JSON bodies up to this size are read whole and fixed; larger ones stream through unchanged.
 const MAX_FIXED_JSON: usize = 16 * 1024 * 1024;
@@ -64,15 +67,38 @@ enum JsonBody {
     TooLarge(Bytes, UpstreamStream),
 }
 
+/// Whose tokens an answer's usage is: the model asked for, and the agent that asked.
+#[derive(Clone, Debug)]
+pub(super) struct Accounting {
+    pub(super) model: String,
+    pub(super) agent: Agent,
+    pub(super) metrics: Metrics,
+}
+
+impl Accounting {
+    fn record(&self, usage: Option<filter::Usage>) {
+        if let Some(usage) = usage {
+            self.metrics.token_usage(&self.model, self.agent, usage);
+        }
+    }
+}
+
 /// Turn the upstream response into the client's. `read_timeout` bounds reading a JSON body
 /// whole, and any silence in a streamed one.
+///
+/// By `mode`: chat answers are fixed (JSON and SSE); Responses, Anthropic and Gemini answers
+/// pass byte for byte, their event streams event by event; passthrough answers are streamed
+/// as they come. Usage is read from successful model answers for `accounting`.
 pub(super) async fn relay(
     upstream: reqwest::Response,
+    mode: Mode,
     tools: ToolContext,
+    accounting: Option<Accounting>,
     metrics: &Metrics,
     read_timeout: Duration,
 ) -> Result<Response, ProxyError> {
     let status = upstream.status();
+    let accounting = accounting.filter(|_| status.is_success() && mode != Mode::Passthrough);
     let mut headers = client_response_headers(upstream.headers());
     let content_type = headers
         .get(CONTENT_TYPE)
@@ -86,16 +112,37 @@ pub(super) async fn relay(
         })
         .unwrap_or_default();
 
-    let body = if content_type == "text/event-stream" {
+    let body = if mode == Mode::Passthrough {
+        Body::from_stream(body_stream(upstream, read_timeout).inspect(log_body_error))
+    } else if content_type == "text/event-stream" {
         headers.remove(CONTENT_LENGTH);
-        sse_body(body_stream(upstream, read_timeout), tools, metrics.clone())
+        let scanner = accounting.map(|accounting| (UsageScanner::new(mode), accounting));
+        if mode == Mode::Chat {
+            sse_body(
+                body_stream(upstream, read_timeout),
+                tools,
+                metrics.clone(),
+                scanner,
+            )
+        } else {
+            events_body(body_stream(upstream, read_timeout), mode, scanner)
+        }
     } else if content_type == "application/json"
         && upstream
             .content_length()
             .is_none_or(|n| n as usize <= MAX_FIXED_JSON)
     {
         match read_json(upstream, read_timeout).await? {
+            JsonBody::Whole(bytes) if mode != Mode::Chat => {
+                if let Some(accounting) = &accounting {
+                    accounting.record(filter::usage_of_json(mode, &bytes));
+                }
+                Body::from(bytes)
+            }
             JsonBody::Whole(bytes) => {
+                if let Some(accounting) = &accounting {
+                    accounting.record(filter::usage_of_json(mode, &bytes));
+                }
                 let (fixed, report) = super::off_worker_if_large(&bytes, move |body| {
                     filter::fix_response_bytes(body, &tools)
                 })
@@ -173,6 +220,7 @@ struct SseState {
     upstream: UpstreamStream,
     rewriter: SseRewriter,
     metrics: Metrics,
+    usage: Option<(UsageScanner, Accounting)>,
 }
 
 impl SseState {
@@ -181,6 +229,9 @@ impl SseState {
         let mut out = Vec::new();
         self.rewriter.finish(&mut out);
         record(&self.metrics, self.rewriter.report());
+        if let Some((scanner, accounting)) = self.usage.take() {
+            accounting.record(scanner.finish());
+        }
         if let Some(err) = error {
             tracing::warn!(error = %err, "upstream stream ended early");
             // An event cut off by the failure must not be completed by the error event that
@@ -212,17 +263,26 @@ fn complete_events_len(out: &[u8]) -> usize {
 
 /// The SSE body: events that need no change go out as soon as they are complete; nothing
 /// follows `[DONE]`; an upstream failure ends the stream with an `error` event.
-fn sse_body(upstream: UpstreamStream, tools: ToolContext, metrics: Metrics) -> Body {
+fn sse_body(
+    upstream: UpstreamStream,
+    tools: ToolContext,
+    metrics: Metrics,
+    usage: Option<(UsageScanner, Accounting)>,
+) -> Body {
     let state = SseState {
         upstream,
         rewriter: SseRewriter::new(tools, SseLimits::default()),
         metrics,
+        usage,
     };
     let events = stream::unfold(Some(state), |state| async move {
         let mut state = state?;
         loop {
             match state.upstream.next().await {
                 Some(Ok(chunk)) => {
+                    if let Some((scanner, _)) = &mut state.usage {
+                        scanner.push(&chunk);
+                    }
                     let mut out = Vec::new();
                     state.rewriter.push(&chunk, &mut out);
                     if state.rewriter.is_done() {
@@ -247,6 +307,104 @@ fn sse_body(upstream: UpstreamStream, tools: ToolContext, metrics: Metrics) -> B
     Body::from_stream(events)
 }
 
+/// A stream is held back at most this far waiting for the end of an event; past it, what is
+/// held goes out as it is.
+const MAX_HELD_EVENT: usize = 1 << 20;
+
+/// An event stream passed on unchanged, byte for byte: each complete event goes out as soon as
+/// its blank line arrives (so a failure never leaves half an event with the client), usage is
+/// read on the way, and an upstream failure ends the stream with an `error` event in the API's
+/// own shape.
+fn events_body(
+    upstream: UpstreamStream,
+    mode: Mode,
+    usage: Option<(UsageScanner, Accounting)>,
+) -> Body {
+    struct State {
+        upstream: UpstreamStream,
+        held: Vec<u8>,
+        usage: Option<(UsageScanner, Accounting)>,
+    }
+    impl State {
+        fn finish(&mut self) {
+            if let Some((scanner, accounting)) = self.usage.take() {
+                accounting.record(scanner.finish());
+            }
+        }
+    }
+    let state = State {
+        upstream,
+        held: Vec::new(),
+        usage,
+    };
+    let events = stream::unfold(Some(state), move |state| async move {
+        let mut state = state?;
+        loop {
+            match state.upstream.next().await {
+                Some(Ok(chunk)) => {
+                    if let Some((scanner, _)) = &mut state.usage {
+                        scanner.push(&chunk);
+                    }
+                    state.held.extend_from_slice(&chunk);
+                    let complete = if state.held.len() > MAX_HELD_EVENT {
+                        state.held.len()
+                    } else {
+                        complete_events_len(&state.held)
+                    };
+                    if complete > 0 {
+                        let rest = state.held.split_off(complete);
+                        let out = std::mem::replace(&mut state.held, rest);
+                        return Some((
+                            Ok::<_, std::convert::Infallible>(Bytes::from(out)),
+                            Some(state),
+                        ));
+                    }
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "upstream stream ended early");
+                    state.finish();
+                    // What was held is part of an event the failure cut off: dropped.
+                    let event = error_event(mode, &err);
+                    return Some((Ok(Bytes::from(event)), None));
+                }
+                None => {
+                    state.finish();
+                    let rest = std::mem::take(&mut state.held);
+                    return (!rest.is_empty()).then(|| (Ok(Bytes::from(rest)), None));
+                }
+            }
+        }
+    });
+    Body::from_stream(events)
+}
+
+/// The event that tells a client of `mode` its stream broke off.
+fn error_event(mode: Mode, err: &BodyError) -> Vec<u8> {
+    let (kind, message) = match err {
+        BodyError::Broke(_) => ("upstream_unreachable", "the upstream stream broke off"),
+        BodyError::Stalled(_) => (
+            "upstream_timeout",
+            "the upstream stream sent nothing for PROXY_UPSTREAM_TIMEOUT",
+        ),
+    };
+    let data = match mode {
+        // Anthropic's own error event: `{"type": "error", "error": {"type", "message"}}`.
+        Mode::Anthropic => serde_json::json!({
+            "type": "error",
+            "error": {"type": "api_error", "message": message},
+        }),
+        // Responses streams end in an `error` event with a code.
+        Mode::Responses => serde_json::json!({
+            "type": "error",
+            "code": kind,
+            "message": message,
+            "param": null,
+        }),
+        _ => serde_json::json!({"error": {"type": kind, "message": message}}),
+    };
+    format!("event: error\ndata: {data}\n\n").into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::complete_events_len;
@@ -269,6 +427,77 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(out)
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod event_stream_tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn upstream(
+        rx: tokio::sync::mpsc::UnboundedReceiver<Result<Bytes, BodyError>>,
+    ) -> UpstreamStream {
+        futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })
+        .boxed()
+    }
+
+    /// Each complete event goes out as soon as its blank line arrives, byte for byte, before the
+    /// next chunk comes; the rest of an event waits for its end.
+    #[tokio::test]
+    async fn events_pass_unchanged_as_soon_as_they_are_whole() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut body = events_body(upstream(rx), Mode::Anthropic, None);
+        let first = "event: message_start\r\ndata: {\"type\":\"message_start\"}\r\n\r\n";
+        tx.send(Ok(Bytes::from(format!("{first}event: ping\ndata: {{\"ty"))))
+            .unwrap();
+        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(frame, first.as_bytes());
+        tx.send(Ok(Bytes::from_static(b"pe\":\"ping\"}\n\n")))
+            .unwrap();
+        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(frame, &b"event: ping\ndata: {\"type\":\"ping\"}\n\n"[..]);
+        // A clean end passes what is left as it is, even without a final blank line.
+        tx.send(Ok(Bytes::from_static(b"data: tail"))).unwrap();
+        drop(tx);
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert_eq!(rest, &b"data: tail"[..]);
+    }
+
+    /// An upstream failure drops the event it cut off and ends with one error event in the
+    /// API's own shape.
+    #[tokio::test]
+    async fn a_broken_stream_ends_with_an_error_event_of_its_api() {
+        let cases = [
+            (
+                Mode::Anthropic,
+                r#"{"type":"error","error":{"type":"api_error","#,
+            ),
+            (
+                Mode::Responses,
+                r#"{"type":"error","code":"upstream_timeout","#,
+            ),
+            (Mode::Gemini, r#"{"error":{"type":"upstream_timeout","#),
+        ];
+        for (mode, start) in cases {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let body = events_body(upstream(rx), mode, None);
+            tx.send(Ok(Bytes::from_static(b"data: {\"a\":1}\n\ndata: {\"cut")))
+                .unwrap();
+            tx.send(Err(BodyError::Stalled(Duration::from_secs(1))))
+                .unwrap();
+            let out = body.collect().await.unwrap().to_bytes();
+            let text = String::from_utf8(out.to_vec()).unwrap();
+            let (kept, error) = text.split_once("event: error\ndata: ").expect(&text);
+            assert_eq!(kept, "data: {\"a\":1}\n\n", "{mode}");
+            assert!(error.starts_with(start), "{mode}: {error}");
+            assert!(error.ends_with("}\n\n"), "{mode}: {error}");
+            let data: serde_json::Value =
+                serde_json::from_str(error.trim_end()).expect("one JSON document");
+            assert!(data.is_object());
         }
     }
 }

@@ -8,7 +8,9 @@
 //! - `GET /api/2.0/preview/scim/v2/Me`;
 //! - OAuth M2M (`POST /oidc/v1/token`, client credentials with HTTP basic auth);
 //! - model serving under `/serving-endpoints/`, where the endpoint name (or the `model` of a
-//!   `chat/completions` body) picks a [`Behaviour`].
+//!   `chat/completions` body) picks a [`Behaviour`];
+//! - the endpoint list, model families on `chat/completions`, Anthropic Messages, Responses,
+//!   Gemini's native API and managed MCP servers (see [`models`]).
 //!
 //! Every endpoint but `/oidc/v1/token` wants `Authorization: Bearer <token>`: none gives 401
 //! `UNAUTHENTICATED`, an unknown, revoked or expired token gives 403 `PERMISSION_DENIED`.
@@ -31,6 +33,8 @@
 
 // Early HTTP answers travel as `Err(Response)`; their size is irrelevant in a test server.
 #![allow(clippy::result_large_err)]
+
+pub mod models;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -256,7 +260,7 @@ pub struct RecordedRequest {
     pub behaviour: Behaviour,
     /// Request method.
     pub method: Method,
-    /// Path, starting with `/serving-endpoints`.
+    /// Path, starting with `/serving-endpoints` (or `/api/2.0/mcp` for managed MCP calls).
     pub path: String,
     /// Raw query string, if any.
     pub query: Option<String>,
@@ -657,6 +661,18 @@ fn router(inner: Arc<Inner>) -> Router {
         .route("/api/2.0/preview/scim/v2/Me", get(scim_me))
         .route("/serving-endpoints", any(serving))
         .route("/serving-endpoints/{*rest}", any(serving))
+        .route("/api/2.0/serving-endpoints", get(models::list_endpoints))
+        .route(
+            "/serving-endpoints/chat/completions",
+            any(models::chat_completions),
+        )
+        .route("/serving-endpoints/responses", any(models::responses))
+        .route(
+            "/serving-endpoints/anthropic/{*rest}",
+            any(models::anthropic),
+        )
+        .route("/serving-endpoints/gemini/{*rest}", any(models::gemini))
+        .route("/api/2.0/mcp/{*rest}", any(models::mcp))
         .fallback(no_such_api)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY))
         .layer(middleware::from_fn_with_state(
@@ -676,6 +692,7 @@ struct WorkspaceState {
     stats: Stats,
     recorded: VecDeque<RecordedRequest>,
     attempts: VecDeque<ServingAttempt>,
+    models: models::ModelState,
 }
 
 struct TokenRecord {

@@ -1,0 +1,416 @@
+//! Token usage read from answers: whole JSON bodies and event streams, for every API.
+//!
+//! The counts mean the same on every API: `input` is every prompt token (cached ones
+//! included), `cached` the part of it served from a prompt cache, `output` every generated
+//! token. The APIs spell them differently:
+//!
+//! | API | input | cached | output |
+//! |---|---|---|---|
+//! | chat completions | `prompt_tokens` | `prompt_tokens_details.cached_tokens` | `completion_tokens` |
+//! | Responses | `input_tokens` | `input_tokens_details.cached_tokens` | `output_tokens` |
+//! | Anthropic Messages | `input_tokens` + `cache_creation_input_tokens` + `cache_read_input_tokens` | `cache_read_input_tokens` | `output_tokens` |
+//! | Gemini | `promptTokenCount` | `cachedContentTokenCount` | `candidatesTokenCount` + `thoughtsTokenCount` |
+//!
+//! In a stream, usage comes in the last chunk (chat, with `stream_options.include_usage`), in
+//! `response.completed` (Responses), split between `message_start` and the cumulative
+//! `message_delta` (Anthropic), or in every chunk, cumulatively (Gemini). [`UsageScanner`] reads
+//! a stream's bytes as they pass without changing them, holding at most one line.
+//!
+//! ```
+//! use fresh_filter::{Mode, Usage, UsageScanner};
+//!
+//! let mut scanner = UsageScanner::new(Mode::Anthropic);
+//! scanner.push(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":");
+//! scanner.push(b"{\"input_tokens\":25,\"cache_read_input_tokens\":100,\"output_tokens\":1}}}\n\n");
+//! scanner.push(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n");
+//! assert_eq!(scanner.finish(), Some(Usage { input: 125, output: 15, cached: 100 }));
+//! ```
+
+use serde_json::Value;
+
+use super::rules::Mode;
+
+/// Tokens one answer used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens, cached ones included.
+    pub input: u64,
+    /// Generated tokens.
+    pub output: u64,
+    /// Prompt tokens served from a cache.
+    pub cached: u64,
+}
+
+/// The usage a whole JSON answer reports, if any.
+pub fn usage_of_json(mode: Mode, body: &[u8]) -> Option<Usage> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let mut state = State::default();
+    state.read(mode, &value);
+    state.usage
+}
+
+#[derive(Default)]
+struct State {
+    usage: Option<Usage>,
+}
+
+impl State {
+    /// One JSON document (a whole answer or one event) of `mode`.
+    fn read(&mut self, mode: Mode, value: &Value) {
+        match mode {
+            Mode::Chat | Mode::Responses => {
+                // Responses events carry the answer in `response`; whole answers at the top.
+                if let Some(usage) = value
+                    .get("usage")
+                    .or_else(|| value.get("response")?.get("usage"))
+                    .and_then(openai_usage)
+                {
+                    self.usage = Some(usage);
+                }
+            }
+            Mode::Anthropic => self.read_anthropic(value),
+            Mode::Gemini => {
+                if let Some(usage) = value.get("usageMetadata").and_then(gemini_usage) {
+                    self.usage = Some(usage);
+                }
+            }
+            Mode::Passthrough => {}
+        }
+    }
+
+    fn read_anthropic(&mut self, value: &Value) {
+        // `message_start` holds the message (input counts, a first output count); a whole
+        // answer and `message_delta` hold `usage` at the top, the delta's counts cumulative.
+        let usage = value
+            .get("message")
+            .and_then(|message| message.get("usage"))
+            .or_else(|| value.get("usage"));
+        let Some(Value::Object(usage)) = usage else {
+            return;
+        };
+        let count = |name: &str| usage.get(name).and_then(Value::as_u64);
+        let current = self.usage.get_or_insert_with(Usage::default);
+        let parts = [
+            count("input_tokens"),
+            count("cache_creation_input_tokens"),
+            count("cache_read_input_tokens"),
+        ];
+        if parts.iter().any(Option::is_some) {
+            current.input = parts.iter().flatten().sum();
+            current.cached = parts[2].unwrap_or(0);
+        }
+        if let Some(output) = count("output_tokens") {
+            current.output = output;
+        }
+    }
+}
+
+fn openai_usage(usage: &Value) -> Option<Usage> {
+    let usage = usage.as_object()?;
+    let count = |name: &str| usage.get(name).and_then(Value::as_u64);
+    let input = count("prompt_tokens").or_else(|| count("input_tokens"))?;
+    let output = count("completion_tokens")
+        .or_else(|| count("output_tokens"))
+        .unwrap_or(0);
+    let cached = ["prompt_tokens_details", "input_tokens_details"]
+        .iter()
+        .find_map(|details| usage.get(*details)?.get("cached_tokens")?.as_u64())
+        .unwrap_or(0);
+    Some(Usage {
+        input,
+        output,
+        cached,
+    })
+}
+
+fn gemini_usage(usage: &Value) -> Option<Usage> {
+    let count = |name: &str| usage.get(name).and_then(Value::as_u64);
+    let input = count("promptTokenCount")?;
+    Some(Usage {
+        input,
+        output: count("candidatesTokenCount").unwrap_or(0)
+            + count("thoughtsTokenCount").unwrap_or(0),
+        cached: count("cachedContentTokenCount").unwrap_or(0),
+    })
+}
+
+/// The longest line kept while looking for usage; a longer one is skipped (the bytes still pass
+/// to the client, unchanged).
+const MAX_LINE: usize = 1 << 20;
+
+/// Reads the usage of an event stream from its bytes, in chunks as they arrive.
+#[derive(Debug)]
+pub struct UsageScanner {
+    mode: Mode,
+    line: Vec<u8>,
+    /// The current line grew past [`MAX_LINE`]: ignore it up to its end.
+    skipping: bool,
+    /// The last chunk ended in `\r`: a `\n` starting the next one ends no further line.
+    after_cr: bool,
+    data: Vec<u8>,
+    usage: Option<Usage>,
+}
+
+impl UsageScanner {
+    /// A scanner for a stream of `mode`.
+    pub fn new(mode: Mode) -> Self {
+        UsageScanner {
+            mode,
+            line: Vec::new(),
+            skipping: false,
+            after_cr: false,
+            data: Vec::new(),
+            usage: None,
+        }
+    }
+
+    /// The next bytes of the stream.
+    pub fn push(&mut self, mut chunk: &[u8]) {
+        if std::mem::take(&mut self.after_cr) && chunk.first() == Some(&b'\n') {
+            chunk = &chunk[1..];
+        }
+        while let Some(end) = chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
+            if !self.skipping {
+                self.line.extend_from_slice(&chunk[..end]);
+                let line = std::mem::take(&mut self.line);
+                self.on_line(&line);
+                self.line = line;
+            }
+            self.line.clear();
+            self.skipping = false;
+            // `\r\n` ends one line, not two.
+            let skip = if chunk[end] == b'\r' && chunk.get(end + 1) == Some(&b'\n') {
+                2
+            } else {
+                1
+            };
+            if skip == 1 && chunk[end] == b'\r' && end + 1 == chunk.len() {
+                self.after_cr = true;
+            }
+            chunk = &chunk[end + skip..];
+        }
+        if !self.skipping {
+            self.line.extend_from_slice(chunk);
+            if self.line.len() > MAX_LINE {
+                self.line.clear();
+                self.skipping = true;
+            }
+        }
+    }
+
+    /// The usage the stream reported, counting an event its end cut off (no blank line after
+    /// it) if it is whole.
+    pub fn finish(mut self) -> Option<Usage> {
+        if !self.skipping && !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            self.on_line(&line);
+        }
+        self.dispatch();
+        self.usage
+    }
+
+    fn on_line(&mut self, line: &[u8]) {
+        if line.is_empty() {
+            self.dispatch();
+            return;
+        }
+        if let Some(value) = line.strip_prefix(b"data:") {
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            if self.data.len() + value.len() > MAX_LINE {
+                self.data.clear();
+                return;
+            }
+            if !self.data.is_empty() {
+                self.data.push(b'\n');
+            }
+            self.data.extend_from_slice(value);
+        }
+    }
+
+    fn dispatch(&mut self) {
+        if self.data.is_empty() {
+            return;
+        }
+        let data = std::mem::take(&mut self.data);
+        if data.first() == Some(&b'{')
+            && let Ok(value) = serde_json::from_slice::<Value>(&data)
+        {
+            let mut state = State { usage: self.usage };
+            state.read(self.mode, &value);
+            self.usage = state.usage;
+        }
+        self.data = data;
+        self.data.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_answers() {
+        let cases: &[(Mode, &str, Option<Usage>)] = &[
+            (
+                Mode::Chat,
+                r#"{"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21,
+                    "prompt_tokens_details": {"cached_tokens": 4}}}"#,
+                Some(Usage {
+                    input: 12,
+                    output: 9,
+                    cached: 4,
+                }),
+            ),
+            (
+                Mode::Responses,
+                r#"{"object": "response", "usage": {"input_tokens": 30, "output_tokens": 7,
+                    "input_tokens_details": {"cached_tokens": 0}, "total_tokens": 37}}"#,
+                Some(Usage {
+                    input: 30,
+                    output: 7,
+                    cached: 0,
+                }),
+            ),
+            (
+                Mode::Anthropic,
+                r#"{"type": "message", "usage": {"input_tokens": 10, "cache_creation_input_tokens": 5,
+                    "cache_read_input_tokens": 20, "output_tokens": 3}}"#,
+                Some(Usage {
+                    input: 35,
+                    output: 3,
+                    cached: 20,
+                }),
+            ),
+            (
+                Mode::Gemini,
+                r#"{"candidates": [], "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 2,
+                    "thoughtsTokenCount": 5, "cachedContentTokenCount": 1}}"#,
+                Some(Usage {
+                    input: 8,
+                    output: 7,
+                    cached: 1,
+                }),
+            ),
+            (Mode::Chat, r#"{"choices": [], "usage": null}"#, None),
+            (Mode::Chat, r#"not json"#, None),
+            (
+                Mode::Passthrough,
+                r#"{"usage": {"prompt_tokens": 1}}"#,
+                None,
+            ),
+        ];
+        for (mode, body, expected) in cases {
+            assert_eq!(usage_of_json(*mode, body.as_bytes()), *expected, "{body}");
+        }
+    }
+
+    /// Streams as the APIs send them; every split of the bytes gives the same usage.
+    #[test]
+    fn streams_in_any_chunking() {
+        let cases: &[(Mode, &str, Option<Usage>)] = &[
+            (
+                Mode::Chat,
+                concat!(
+                    "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+                    "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+                    "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":9}}\n\n",
+                    "data: [DONE]\n\n"
+                ),
+                Some(Usage {
+                    input: 12,
+                    output: 9,
+                    cached: 0,
+                }),
+            ),
+            (
+                Mode::Chat,
+                "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n",
+                None,
+            ),
+            (
+                Mode::Responses,
+                concat!(
+                    "event: response.created\r\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"status\":\"in_progress\",\"usage\":null}}\r\n\r\n",
+                    "event: response.output_text.delta\r\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"usage\"}\r\n\r\n",
+                    "event: response.completed\r\ndata: {\"type\":\"response.completed\",\"response\":{\"status\":\"completed\",\"usage\":{\"input_tokens\":30,\"output_tokens\":7,\"input_tokens_details\":{\"cached_tokens\":10}}}}\r\n\r\n"
+                ),
+                Some(Usage {
+                    input: 30,
+                    output: 7,
+                    cached: 10,
+                }),
+            ),
+            (
+                Mode::Anthropic,
+                concat!(
+                    "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n",
+                    "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+                    "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+                    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n",
+                    "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+                    "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n",
+                    "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
+                ),
+                Some(Usage {
+                    input: 25,
+                    output: 15,
+                    cached: 0,
+                }),
+            ),
+            (
+                Mode::Gemini,
+                concat!(
+                    "data: {\"candidates\":[],\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":1}}\r\n\r\n",
+                    "data: {\"candidates\":[],\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":6}}\r\n\r\n"
+                ),
+                Some(Usage {
+                    input: 8,
+                    output: 6,
+                    cached: 0,
+                }),
+            ),
+            // Cut off at the end: the last whole event still counts.
+            (
+                Mode::Chat,
+                "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}",
+                Some(Usage {
+                    input: 1,
+                    output: 2,
+                    cached: 0,
+                }),
+            ),
+        ];
+        for (mode, stream, expected) in cases {
+            let bytes = stream.as_bytes();
+            for size in [1, 2, 3, 7, 64, bytes.len().max(1)] {
+                let mut scanner = UsageScanner::new(*mode);
+                for chunk in bytes.chunks(size) {
+                    scanner.push(chunk);
+                }
+                assert_eq!(
+                    scanner.finish(),
+                    *expected,
+                    "{mode} in chunks of {size}: {stream}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_overlong_line_is_skipped_and_the_rest_still_read() {
+        let mut scanner = UsageScanner::new(Mode::Chat);
+        scanner.push(b"data: {\"pad\":\"");
+        scanner.push(&vec![b'x'; MAX_LINE + 10]);
+        scanner.push(b"\"}\n\n");
+        assert!(scanner.line.capacity() <= 2 * MAX_LINE + 64);
+        scanner.push(b"data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n");
+        assert_eq!(
+            scanner.finish(),
+            Some(Usage {
+                input: 3,
+                output: 4,
+                cached: 0
+            })
+        );
+    }
+}
