@@ -115,13 +115,15 @@ impl Outgoing {
 pub async fn forward(fwd: Forwarder, req: Request) -> Response {
     fwd.activity.record(SystemTime::now());
     let sent = req.extensions().get::<Token>().cloned();
-    let res = match fwd.forward(req).await {
-        Ok(res) => res,
+    match fwd.forward(req).await {
+        Ok(res) => {
+            // The token a retry used is the source's current one.
+            let current = fwd.source.current();
+            scrub::without_tokens(res, sent.iter().chain(current.iter()))
+        }
+        // The proxy's own errors never hold a token, and keep their `Content-Length`.
         Err(err) => err.into_response(),
-    };
-    // The token a retry used is the source's current one.
-    let current = fwd.source.current();
-    scrub::without_tokens(res, sent.iter().chain(current.iter()))
+    }
 }
 
 impl Forwarder {
