@@ -82,6 +82,10 @@ impl Outgoing {
     }
 }
 
+/// On an answer, the token its retry was sent with, so that it is scrubbed as well.
+#[derive(Clone)]
+struct RetriedWith(Token);
+
 /// Forward one request; errors become JSON answers.
 pub async fn forward(fwd: Forwarder, req: Request) -> Response {
     fwd.activity.record(SystemTime::now());
@@ -90,9 +94,8 @@ pub async fn forward(fwd: Forwarder, req: Request) -> Response {
         Ok(res) => res,
         Err(err) => err.into_response(),
     };
-    // The token a retry used is the source's current one.
-    let current = fwd.source.current();
-    scrub::without_tokens(res, sent.iter().chain(current.iter()))
+    let retried = res.extensions().get::<RetriedWith>().map(|r| r.0.clone());
+    scrub::without_tokens(res, sent.iter().chain(retried.iter()))
 }
 
 impl Forwarder {
@@ -126,6 +129,7 @@ impl Forwarder {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
         );
         let used = token.filter(|_| rejected && outgoing.replayable());
+        let mut retried = None;
         if let Some(fresh) = match &used {
             Some(used) => self.source.refresh(used).await,
             None => None,
@@ -139,8 +143,14 @@ impl Forwarder {
             upstream = self
                 .send(&method, &url, &headers, body, Some(&fresh))
                 .await?;
+            retried = Some(fresh);
         }
-        response::relay(upstream, tools, &self.metrics, self.upstream_timeout).await
+        let mut res =
+            response::relay(upstream, tools, &self.metrics, self.upstream_timeout).await?;
+        if let Some(token) = retried {
+            res.extensions_mut().insert(RetriedWith(token));
+        }
+        Ok(res)
     }
 
     /// `PROXY_UPSTREAM_BASE` + path + query. The request target never chooses the host: only
