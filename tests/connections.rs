@@ -343,3 +343,23 @@ fn bad_client_settings_exit_with_2_and_name_the_variable() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listening_beyond_loopback_is_warned_about_once() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(600));
+    let (_home, proxy) = start(&ws, &pat, binary(), &[]).await;
+    assert!(!proxy.logs().contains("listening beyond loopback"));
+    drop(proxy);
+
+    // All interfaces; the test still talks to it over loopback only.
+    let (_home, proxy) = start(&ws, &pat, binary(), &[("PROXY_HOST", "0.0.0.0")]).await;
+    let url = format!("http://127.0.0.1:{}", proxy.addr.port());
+    assert_eq!(health_within(&url, Duration::from_secs(5)).await, 200);
+    let logs = proxy.logs();
+    assert_eq!(
+        logs.matches("listening beyond loopback").count(),
+        1,
+        "{logs}"
+    );
+}
