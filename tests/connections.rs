@@ -363,3 +363,22 @@ async fn listening_beyond_loopback_is_warned_about_once() {
         "{logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_pauses_past_the_header_timeout_is_refused_and_not_forwarded() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(600));
+    let (_home, proxy) = start(&ws, &pat, binary(), &[("PROXY_HEADER_TIMEOUT", "1")]).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = Instant::now();
+    let status = status_on(
+        &mut stream,
+        "POST /chat/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"messages\":",
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), status)
+        .await
+        .expect("an answer once the body paused too long");
+    assert_eq!(status, Some(400));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(ws.stats().requests, 0, "a partial body was forwarded");
+}
