@@ -137,7 +137,7 @@ async fn serve(
         },
         None => None,
     };
-    let policy = config.clients.policy(client_key);
+    let policy = config.clients.policy(config.listen.ip(), client_key);
     let settings = ProxySettings {
         upstream_base: config.upstream_base.clone(),
         max_body: config.max_body,

@@ -506,6 +506,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn accepted_connections_get_tcp_keepalive_and_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let ClientStream::Tcp(stream) = tcp_stream(accepted).unwrap() else {
+            panic!("a TCP stream");
+        };
+        let socket = socket2::SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE);
+        assert!(socket.tcp_nodelay().unwrap());
+        drop(client);
+    }
+
+    #[tokio::test]
     async fn connections_are_dealt_round_robin_and_stay_on_their_worker() {
         let (addr, shutdown, server) = start(3, thread_name_app).await;
 

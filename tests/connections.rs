@@ -343,3 +343,105 @@ fn bad_client_settings_exit_with_2_and_name_the_variable() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listening_beyond_loopback_is_warned_about_once() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(600));
+    let (_home, proxy) = start(&ws, &pat, binary(), &[]).await;
+    assert!(!proxy.logs().contains("listening beyond loopback"));
+    drop(proxy);
+
+    // All interfaces; the test still talks to it over loopback only.
+    let (_home, proxy) = start(&ws, &pat, binary(), &[("PROXY_HOST", "0.0.0.0")]).await;
+    let url = format!("http://127.0.0.1:{}", proxy.addr.port());
+    assert_eq!(health_within(&url, Duration::from_secs(5)).await, 200);
+    let logs = proxy.logs();
+    assert_eq!(
+        logs.matches("listening beyond loopback").count(),
+        1,
+        "{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_pauses_past_the_header_timeout_is_refused_and_not_forwarded() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(600));
+    let (_home, proxy) = start(&ws, &pat, binary(), &[("PROXY_HEADER_TIMEOUT", "1")]).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = Instant::now();
+    let status = status_on(
+        &mut stream,
+        "POST /chat/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"messages\":",
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), status)
+        .await
+        .expect("an answer once the body paused too long");
+    assert_eq!(status, Some(400));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(ws.stats().requests, 0, "a partial body was forwarded");
+}
+
+/// The config file's `token` of the `DEFAULT` profile.
+fn file_token(home: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(home.join(".databrickscfg")).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("token = "))
+        .map(str::to_owned)
+}
+
+/// The issue seen in the field: idle connections took every descriptor, and the rotation could
+/// no longer write its files. With the connection limit fitted to the open-files limit, the
+/// rotation goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_few_open_files_and_many_idle_connections_the_rotation_still_writes_its_files() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("skipped: prlimit (util-linux) is not installed");
+        return;
+    }
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(600));
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join(".databrickscfg"),
+        format!("[DEFAULT]\nhost = {}\n", ws.url()),
+    )
+    .unwrap();
+    let mut cmd = Command::new("prlimit");
+    cmd.env_clear()
+        .stdin(std::process::Stdio::null())
+        .arg("--nofile=256:256")
+        .arg(env!("CARGO_BIN_EXE_fresh-proxy"))
+        .env("HOME", home.path())
+        .env("DATABRICKS_TOKEN", &pat.value)
+        .env("PAT_TOKEN_LIFETIME", "60")
+        .env("PAT_ROTATION_INTERVAL", "2")
+        .env("PAT_REVOKE_GRACE", "1")
+        .env("PROXY_HEADER_TIMEOUT", "60");
+    let proxy = tokio::task::spawn_blocking(move || ProxyProcess::start(cmd))
+        .await
+        .unwrap();
+    // A proxied request makes the session active, so the rotator rotates every 2 s.
+    assert_eq!(chat(&proxy.url()).await.status(), 200);
+
+    let mut idle = Vec::new();
+    for _ in 0..400 {
+        idle.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    let before = file_token(home.path());
+    let creates = ws.stats().creates;
+    common::wait_until(
+        Duration::from_secs(20),
+        "a rotation written to the config file",
+        || {
+            let changed = file_token(home.path()) != before;
+            let minted = ws.stats().creates > creates;
+            async move { changed && minted }
+        },
+    )
+    .await;
+    let logs = proxy.logs();
+    assert!(!logs.contains("Too many open files"), "{logs}");
+    drop(idle);
+}

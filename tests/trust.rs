@@ -157,7 +157,7 @@ async fn a_connection_header_naming_authorization_cannot_strip_the_token() {
 }
 
 /// An upstream that echoes the `Authorization` it gets: in a header of every answer, and in
-/// the body of a 400 (`/bad`) and of a 200 (`/ok`).
+/// the body of a 400 (`/bad`) and of a 200 (`/ok`); `/retry` refuses the first token.
 async fn echoing_upstream() -> String {
     use axum::http::{HeaderMap, StatusCode};
     use axum::routing::any;
@@ -185,6 +185,21 @@ async fn echoing_upstream() -> String {
         .route(
             "/serving-endpoints/ok",
             any(|h: HeaderMap| echo(StatusCode::OK, h)),
+        )
+        // Rejects the first token as revoked (403), then echoes the one it is retried with.
+        .route(
+            "/serving-endpoints/retry",
+            any(|h: HeaderMap| async move {
+                let first = h
+                    .get("authorization")
+                    .is_some_and(|v| v == "Bearer dapi-first-0001");
+                let status = if first {
+                    StatusCode::FORBIDDEN
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                echo(status, h).await
+            }),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!(
@@ -312,4 +327,40 @@ fn the_failure_and_security_pages_name_every_refusal() {
         );
     }
     assert!(failures.contains("**503** `too_many_connections`"));
+}
+
+/// A source whose current token is rejected and whose refresh offers a second one.
+#[derive(Debug)]
+struct RotatedUnderneath;
+
+impl TokenSource for RotatedUnderneath {
+    fn current(&self) -> Option<Token> {
+        Token::new("dapi-first-0001").ok()
+    }
+
+    fn refresh<'a>(&'a self, _rejected: &'a Token) -> fresh_token::RefreshFuture<'a> {
+        fresh_token::RefreshFuture::ready(Token::new("dapi-second-0002").ok())
+    }
+}
+
+#[tokio::test]
+async fn the_token_a_retry_used_is_scrubbed_too() {
+    let base = echoing_upstream().await;
+    let state = AppState::new(
+        settings(&base),
+        Arc::new(RotatedUnderneath),
+        SourceKind::Rotator,
+    );
+    let proxy = harness::serve(state).await;
+    let res = common::http_client()
+        .get(format!("{}/retry", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400, "the retry's answer");
+    assert_eq!(res.headers()["x-debug-authorization"], "Bearer [redacted]");
+    assert_eq!(
+        res.text().await.unwrap(),
+        "rejected header: Bearer [redacted]"
+    );
 }

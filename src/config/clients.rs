@@ -1,6 +1,7 @@
 //! Settings for the proxy's clients: connection limits and deadlines, which `Host` names they
 //! may use, the client key, the Unix socket.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -98,9 +99,17 @@ impl ClientSettings {
         })
     }
 
-    /// The client policy: loopback names and `allowed_hosts`, and `client_key` if set.
-    pub fn policy(&self, client_key: Option<ClientKey>) -> ClientPolicy {
-        let policy = ClientPolicy::loopback().allow_hosts(self.allowed_hosts.iter().cloned());
+    /// The client policy: loopback names, the `listen` address unless it is a wildcard
+    /// (`0.0.0.0`, `::`), `allowed_hosts`, and `client_key` if set.
+    pub fn policy(&self, listen: IpAddr, client_key: Option<ClientKey>) -> ClientPolicy {
+        let own_address = match listen {
+            _ if listen.is_unspecified() => None,
+            IpAddr::V4(ip) => Some(ip.to_string()),
+            IpAddr::V6(ip) => Some(format!("[{ip}]")),
+        };
+        let policy = ClientPolicy::loopback()
+            .allow_hosts(own_address)
+            .allow_hosts(self.allowed_hosts.iter().cloned());
         match client_key {
             Some(key) => policy.require_key(key),
             None => policy,
@@ -160,5 +169,31 @@ mod tests {
             let err = parse_host_names(bad).expect_err(bad).to_string();
             assert!(err.starts_with("PROXY_ALLOWED_HOSTS: "), "{err}");
         }
+    }
+
+    #[test]
+    fn the_policy_allows_the_listen_address_unless_it_is_a_wildcard() {
+        use axum::http::{HeaderMap, HeaderValue, Method};
+
+        let args = ClientArgs {
+            proxy_header_timeout: 30,
+            proxy_idle_timeout: 120,
+            proxy_max_connections: 4096,
+            proxy_allowed_hosts: Some("fresh-proxy".to_owned()),
+            proxy_unix_socket: None,
+        };
+        let settings = ClientSettings::from_args(&args).unwrap();
+        let allows = |listen: &str, host: &str| {
+            let policy = settings.policy(listen.parse().unwrap(), None);
+            let mut headers = HeaderMap::new();
+            headers.insert("host", HeaderValue::from_str(host).unwrap());
+            policy.check(&Method::POST, "/chat", None, &headers).is_ok()
+        };
+        assert!(allows("10.0.0.5", "10.0.0.5:4000"));
+        assert!(allows("fd00::5", "[fd00::5]:4000"));
+        assert!(!allows("0.0.0.0", "0.0.0.0:4000"));
+        assert!(!allows("127.0.0.1", "10.0.0.5:4000"));
+        assert!(allows("0.0.0.0", "fresh-proxy:4000"));
+        assert!(allows("0.0.0.0", "localhost:4000"));
     }
 }

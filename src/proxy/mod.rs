@@ -111,15 +111,18 @@ impl Outgoing {
     }
 }
 
+/// On an answer, the token its retry was sent with, so that it is scrubbed as well.
+#[derive(Clone)]
+struct RetriedWith(Token);
+
 /// Forward one request; errors become JSON answers.
 pub async fn forward(fwd: Forwarder, req: Request) -> Response {
     fwd.activity.record(SystemTime::now());
     let sent = req.extensions().get::<Token>().cloned();
     match fwd.forward(req).await {
         Ok(res) => {
-            // The token a retry used is the source's current one.
-            let current = fwd.source.current();
-            scrub::without_tokens(res, sent.iter().chain(current.iter()))
+            let retried = res.extensions().get::<RetriedWith>().map(|r| r.0.clone());
+            scrub::without_tokens(res, sent.iter().chain(retried.iter()))
         }
         // The proxy's own errors never hold a token, and keep their `Content-Length`.
         Err(err) => err.into_response(),
@@ -168,6 +171,7 @@ impl Forwarder {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
         );
         let used = token.filter(|_| rejected && outgoing.replayable());
+        let mut retried = None;
         if let Some(fresh) = match &used {
             Some(used) => self.source.refresh(used).await,
             None => None,
@@ -187,13 +191,14 @@ impl Forwarder {
                     &mut held,
                 )
                 .await?;
+            retried = Some(fresh);
         }
         let accounting = model.map(|model| response::Accounting {
             model,
             agent,
             metrics: self.metrics.clone(),
         });
-        response::relay(
+        let mut res = response::relay(
             upstream,
             target.mode,
             tools,
@@ -201,7 +206,11 @@ impl Forwarder {
             &self.metrics,
             self.upstream_timeout,
         )
-        .await
+        .await?;
+        if let Some(token) = retried {
+            res.extensions_mut().insert(RetriedWith(token));
+        }
+        Ok(res)
     }
 
     /// The route's upstream URL and mode. The request target never chooses the host: only its
