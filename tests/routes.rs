@@ -560,6 +560,18 @@ async fn models_says_clearly_when_the_workspace_cannot_list() {
             .unwrap()
             .contains("could not be reached")
     );
+
+    // No token yet: 503, and the workspace is not asked.
+    let lists = ws.endpoint_lists();
+    let proxy = serve_with(settings(&ws.serving_base()), Arc::new(SharedToken::new())).await;
+    let res = http_client()
+        .get(format!("{}/v1/models", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(json_of(res).await["error"]["type"], "token_unavailable");
+    assert_eq!(ws.endpoint_lists(), lists);
 }
 
 #[tokio::test]
