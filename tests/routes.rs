@@ -560,6 +560,18 @@ async fn models_says_clearly_when_the_workspace_cannot_list() {
             .unwrap()
             .contains("could not be reached")
     );
+
+    // No token yet: 503, and the workspace is not asked.
+    let lists = ws.endpoint_lists();
+    let proxy = serve_with(settings(&ws.serving_base()), Arc::new(SharedToken::new())).await;
+    let res = http_client()
+        .get(format!("{}/v1/models", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(json_of(res).await["error"]["type"], "token_unavailable");
+    assert_eq!(ws.endpoint_lists(), lists);
 }
 
 #[tokio::test]
@@ -771,4 +783,34 @@ async fn the_binary_routes_every_agent_and_logs_no_key() {
         "an agent's key in the logs:\n{logs}"
     );
     assert!(!logs.contains(&pat.value), "the token in the logs:\n{logs}");
+}
+
+/// The AI Gateway forms keep their path on the workspace host. (The fake workspace serves no AI
+/// Gateway, so its 404 names the path that reached it.)
+#[tokio::test]
+async fn ai_gateway_forms_reach_the_workspace_with_their_path() {
+    let (ws, _pat, proxy) = start().await;
+    for path in [
+        "/ai-gateway/anthropic/v1/messages",
+        "/ai-gateway/gemini/v1beta/models/m:generateContent",
+        "/ai-gateway/mlflow/v1/responses",
+        "/ai-gateway/mlflow/v1/chat/completions",
+    ] {
+        let before = ws.stats().requests;
+        let res = http_client()
+            .post(format!("{}{path}", proxy.url()))
+            .header("x-api-key", "agent-key")
+            .json_body(&json!({"model": "m", "input": "hi"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 404, "{path}");
+        let body = json_of(res).await;
+        assert_eq!(
+            body["message"],
+            format!("No API found for 'POST {path}'"),
+            "{path}"
+        );
+        assert_eq!(ws.stats().requests, before + 1);
+    }
 }

@@ -871,3 +871,46 @@ proptest! {
         prop_assert_eq!(sent, expected);
     }
 }
+
+proptest! {
+    #![proptest_config(config(128))]
+
+    /// However a stream is cut into chunks, and whatever line ends it uses, the usage read from
+    /// it is the same, and it is the usage its events report.
+    #[test]
+    fn usage_does_not_depend_on_chunking(
+        input in 0u64..100_000,
+        cached in 0u64..1000,
+        deltas in prop::collection::vec(0u64..5000, 1..6),
+        eol in prop::sample::select(&["\n", "\r\n", "\r"][..]),
+        points in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+    ) {
+        use super::{Mode, Usage, UsageScanner};
+        let mut events = vec![
+            format!("event: message_start{eol}data: {}", json!({"type": "message_start",
+                "message": {"usage": {"input_tokens": input, "cache_read_input_tokens": cached, "output_tokens": 1}}})),
+            format!("event: ping{eol}data: {}", json!({"type": "ping"})),
+        ];
+        let mut output = 0;
+        for delta in &deltas {
+            output += delta;
+            events.push(format!("event: message_delta{eol}data: {}",
+                json!({"type": "message_delta", "delta": {}, "usage": {"output_tokens": output}})));
+        }
+        events.push(format!("event: message_stop{eol}data: {}", json!({"type": "message_stop"})));
+        let stream: String = events.iter().map(|e| format!("{e}{eol}{eol}")).collect();
+        let bytes = stream.as_bytes();
+        let mut cuts: Vec<usize> = points.iter().map(|i| i.index(bytes.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut scanner = UsageScanner::new(Mode::Anthropic);
+        let mut from = 0;
+        for cut in cuts.into_iter().chain([bytes.len()]) {
+            scanner.push(&bytes[from..cut]);
+            from = cut;
+        }
+        prop_assert_eq!(
+            scanner.finish(),
+            Some(Usage { input: input + cached, output, cached })
+        );
+    }
+}

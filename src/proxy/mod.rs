@@ -260,18 +260,18 @@ impl Forwarder {
                 Some(share),
             ));
         }
-        let model = path_model.or_else(|| fresh_filter::request_model(&bytes));
         let sanitizer = Arc::clone(&self.sanitizer);
         let rules = Arc::clone(&self.rules);
         let inject_stream_usage = self.inject_stream_usage;
-        let path_model = model.clone();
-        let outcome = off_worker_if_large(&bytes, move |body| {
+        // Finding the model reads the whole body too, so it runs where the filter runs.
+        let (outcome, model) = off_worker_if_large(&bytes, move |body| {
+            let model = path_model.or_else(|| fresh_filter::request_model(body));
             let context = RequestContext {
                 mode,
-                model: path_model.as_deref(),
+                model: model.as_deref(),
                 inject_stream_usage,
             };
-            sanitizer.sanitize_for(body, &rules, &context)
+            (sanitizer.sanitize_for(body, &rules, &context), model)
         })
         .await;
         self.metrics.filter_report(&outcome.report);
