@@ -41,7 +41,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::metrics::Metrics;
+use crate::health::metrics::{Metrics, RotationResult};
 use crate::token::rotator::schedule::{Backoff, retry_after};
 use crate::token::status::{SourceKind, StatusCell};
 
@@ -240,7 +240,7 @@ impl Inner {
         match &result {
             Ok(token) => {
                 let now = SystemTime::now();
-                self.metrics.rotation("oauth_ok");
+                self.metrics.rotation(RotationResult::OauthOk);
                 self.status.update(|s| {
                     s.source = SourceKind::Oauth;
                     s.present = true;
@@ -257,7 +257,7 @@ impl Inner {
                     "fetched an OAuth access token"
                 );
             }
-            Err(_) => self.metrics.rotation("oauth_failed"),
+            Err(_) => self.metrics.rotation(RotationResult::OauthFailed),
         }
         result
     }
