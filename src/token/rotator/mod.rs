@@ -7,6 +7,7 @@
 //! schedule and the failure modes.
 //!
 //! * [`schedule`]: the decision, a pure function of `now` ([`schedule::next_action`]).
+//! * [`persistence`]: which minted tokens to revoke when a new one cannot be saved, pure too.
 //! * [`api`]: the token API client, with errors classified for retries.
 //! * [`state`]: the state file that lets a restart resume; [`lock`]: one rotator per file.
 //! * [`sinks`]: `PAT_SINKS`; [`sessions`]: whether anyone is using the proxy.
