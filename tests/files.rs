@@ -228,3 +228,98 @@ async fn a_fifo_in_place_of_the_followed_config_file_holds_up_no_request() {
     let logs = proxy.logs();
     assert!(logs.contains("not a regular file (a FIFO)"), "{logs}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_config_directory_pauses_minting_and_reports_persist_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(user) = Unprivileged::new(dir.path()) else {
+        return;
+    };
+    let ws = FakeWorkspace::start().await;
+    let bootstrap = ws.mint(Duration::from_secs(600));
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let cfg = home.join(".databrickscfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[DEFAULT]\nhost = {}\ntoken = {}\n",
+            ws.url(),
+            bootstrap.value
+        ),
+    )
+    .unwrap();
+    let lock_path = home.join(".databrickscfg.fresh-proxy.lock");
+    std::fs::write(&lock_path, "").unwrap();
+    for path in [&home, &cfg, &lock_path] {
+        user.give(path);
+    }
+    mode(&cfg, 0o600);
+    mode(&lock_path, 0o600);
+    // The lock opens, but nothing new can be created beside the config file: no temporary
+    // file for an atomic write, no state file.
+    mode(&home, 0o555);
+
+    let mut cmd = user.command(&home);
+    cmd.env("PAT_TOKEN_LIFETIME", "4")
+        .env("PAT_ROTATION_INTERVAL", "1")
+        .env("PAT_REVOKE_GRACE", "1");
+    let proxy = tokio::task::spawn_blocking(move || ProxyProcess::start(cmd))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let health = loop {
+        let (_, health) = get_json(format!("{}/health", proxy.url())).await;
+        if health["token"]["persist_failed"] == true {
+            break health;
+        }
+        assert!(Instant::now() < deadline, "never reported: {health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(health["status"], "degraded", "{health}");
+    // The token itself works: requests are served and /ready says so.
+    let (status, _) = get_json(format!("{}/ready", proxy.url())).await;
+    assert_eq!(status, 200);
+
+    // Six seconds that would mint six tokens, none revoked, without the pause.
+    let minted_live = || {
+        ws.live_tokens()
+            .into_iter()
+            .filter(|t| t.comment == "fresh-proxy-auto-rotated")
+            .count()
+    };
+    let mut most_live = 0;
+    for _ in 0..30 {
+        most_live = most_live.max(minted_live());
+        let res = http_client()
+            .post(format!("{}/chat/invocations", proxy.url()))
+            .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!((1..=2).contains(&most_live), "{most_live} live tokens");
+    // The token the config file's readers hold stays alive.
+    assert!(ws.is_live(&bootstrap.value));
+    let metrics = http_client()
+        .get(format!("{}/metrics", proxy.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failures: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fresh_proxy_persist_failures_total "))
+        .expect("the metric")
+        .parse()
+        .unwrap();
+    assert!(failures >= 2.0, "{metrics}");
+    let logs = proxy.logs();
+    assert!(logs.contains("Permission denied"), "{logs}");
+    assert_eq!(logs.matches("the new token cannot be saved").count(), 1);
+    assert!(!logs.contains(&bootstrap.value));
+}

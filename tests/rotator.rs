@@ -791,3 +791,22 @@ async fn while_a_new_token_cannot_be_saved_minting_pauses_and_unsaved_tokens_are
     assert!(logs().contains("the token is saved again"));
     rotator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_token_is_replaced_by_one_found_in_the_config_file() {
+    let setup = Setup::new().await;
+    let rotator = Instance::launch(setup.config(600, 300_000, 500), None);
+    rotator.wait_rotations(1).await;
+    let rejected = rotator.source.current().unwrap();
+    // Nothing newer anywhere: no token worth a retry.
+    assert!(rotator.source.refresh(&rejected).await.is_none());
+
+    // A person puts a new token in the profile.
+    let pasted = setup.workspace.mint(Duration::from_secs(600));
+    databrickscfg::update_profile(&setup.config_file, "DEFAULT", &[("token", &pasted.value)])
+        .unwrap();
+    let found = rotator.source.refresh(&rejected).await.expect("re-read");
+    assert_eq!(found.expose_secret(), pasted.value);
+    assert!(rotator.source.current().unwrap().same_secret(&found));
+    rotator.stop().await;
+}

@@ -7,6 +7,7 @@
 //! schedule and the failure modes.
 //!
 //! * [`schedule`]: the decision, a pure function of `now` ([`schedule::next_action`]).
+//! * [`persistence`]: which minted tokens to revoke when a new one cannot be saved, pure too.
 //! * [`api`]: the token API client, with errors classified for retries.
 //! * [`state`]: the state file that lets a restart resume; [`lock`]: one rotator per file.
 //! * [`sinks`]: `PAT_SINKS`; [`sessions`]: whether anyone is using the proxy.
@@ -179,13 +180,16 @@ impl fmt::Debug for Rotator {
 /// follower, the config file watcher) published, unless that token is known to have expired:
 /// then there is no token (the proxy answers 503) rather than one the workspace would refuse.
 /// [`refresh`](TokenSource::refresh) offers a newer published token if there is one, else
-/// re-reads the config file at once and adopts a different token found there (someone else
-/// rotated, or a person put a new token in).
+/// re-reads the config file at once (on the blocking pool, waiting at most 2 s) and adopts a
+/// different token found there (someone else rotated, or a person put a new token in).
 #[derive(Clone)]
 pub struct RotatorSource {
     shared: SharedToken,
     file: ConfigFileToken,
 }
+
+/// How long a rejected request waits for the config file to be re-read.
+const REREAD_WAIT: Duration = Duration::from_secs(2);
 
 impl TokenSource for RotatorSource {
     fn current(&self) -> Option<Token> {
@@ -199,7 +203,14 @@ impl TokenSource for RotatorSource {
             if let Some(token) = self.current().filter(|t| !t.same_secret(rejected)) {
                 return Some(token);
             }
-            let found = self.file.refresh(rejected).await?;
+            // On the blocking pool and bounded: a config file on a file system that stopped
+            // answering must not hold a request (and its worker) for longer than that.
+            let file = self.file.clone();
+            let read = tokio::task::spawn_blocking(move || file.read_now());
+            let found = match tokio::time::timeout(REREAD_WAIT, read).await {
+                Ok(Ok(found)) => found.filter(|t| !t.same_secret(rejected))?,
+                _ => return None,
+            };
             // Another caller may have published something newer meanwhile.
             match self.current() {
                 Some(now) if !now.same_secret(rejected) => Some(now),

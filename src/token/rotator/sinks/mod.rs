@@ -7,7 +7,7 @@
 //! which keeps the data but not the comments, and a warning says so.
 //!
 //! * [`spec`]: parsing `PAT_SINKS`;
-//! * [`write`]: reading and writing the files, and their permissions;
+//! * [`mod@write`]: reading and writing the files, and their permissions;
 //! * [`dotenv`], [`json`], [`yaml`]: the in-place edit of each format, pure functions of the
 //!   text.
 
