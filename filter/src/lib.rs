@@ -47,6 +47,7 @@
 //! ```
 
 mod arguments;
+mod lean;
 #[cfg(test)]
 mod proptests;
 mod report;
