@@ -55,7 +55,7 @@ pub struct Cli {
         value_name = "SECONDS"
     )]
     pub proxy_upstream_timeout: u64,
-    /// Bytes of request bodies buffered for filtering at once, across requests; past it, 503 with Retry-After
+    /// Bytes of request bodies buffered at once across requests, a JSON body counted at three times its size while filtered; past it, 503 with Retry-After
     #[arg(long, env = "PROXY_BODY_BUDGET", default_value_t = 256 * 1024 * 1024, value_name = "BYTES")]
     pub proxy_body_budget: usize,
     /// Seconds a replayable request may wait across upstream 429s; 0 passes them through
@@ -506,11 +506,12 @@ impl Config {
         if cli.proxy_max_body == 0 {
             return Err(ConfigError::var("PROXY_MAX_BODY", "must be above 0"));
         }
-        if cli.proxy_body_budget < cli.proxy_max_body {
+        // A JSON body counts three times its size while it is filtered.
+        if cli.proxy_body_budget / 3 < cli.proxy_max_body {
             return Err(ConfigError::var(
                 "PROXY_BODY_BUDGET",
                 format!(
-                    "must be at least PROXY_MAX_BODY ({} bytes), or the largest bodies could never be taken",
+                    "must be at least three times PROXY_MAX_BODY ({} bytes), or the largest JSON bodies could never be filtered",
                     cli.proxy_max_body
                 ),
             ));

@@ -1,5 +1,6 @@
-//! `PROXY_BODY_BUDGET`: bodies buffered at once stay within the budget; one that does not fit
-//! gets 503 with `Retry-After` and is not forwarded.
+//! `PROXY_BODY_BUDGET`: bodies buffered at once stay within the budget, a JSON body counted at
+//! three times its size while it is read and filtered; one that does not fit gets 503 with
+//! `Retry-After` and is not forwarded.
 
 mod common;
 
@@ -32,11 +33,11 @@ async fn a_body_past_the_budget_gets_503_until_the_one_in_flight_is_done() {
         Arc::new(SharedToken::with_token(Token::new(&pat.value).unwrap()));
     let mut settings = settings(&ws.serving_base());
     settings.max_body = 1024 * KIB;
-    settings.body_budget = 1024 * KIB;
+    settings.body_budget = 3072 * KIB;
     let proxy = serve_with(settings, source).await;
     let url = format!("{}/{}/invocations", proxy.url(), Behaviour::Echo.name());
 
-    // One agent's 800 KiB body is on its way, its first half sent.
+    // One agent's 800 KiB JSON body is on its way, its first half sent: 2400 KiB of the budget.
     let held = json_of_len(800 * KIB);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
     tx.send(Ok(Bytes::copy_from_slice(&held[..400 * KIB])))
@@ -52,7 +53,7 @@ async fn a_body_past_the_budget_gets_503_until_the_one_in_flight_is_done() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // A second of 300 KiB does not fit beside it, declared or not.
+    // A second JSON body of 300 KiB (900 KiB) does not fit beside it, declared or not.
     for chunked in [false, true] {
         let body = json_of_len(300 * KIB);
         let request = http_client()
@@ -75,6 +76,16 @@ async fn a_body_past_the_budget_gets_503_until_the_one_in_flight_is_done() {
         assert_eq!(error["error"]["type"], "overloaded");
     }
     assert!(ws.recorded_requests().is_empty(), "nothing was forwarded");
+    // A body that is not filtered counts its size only: 600 KiB still fit.
+    let res = http_client()
+        .post(&url)
+        .header("content-type", "application/octet-stream")
+        .body(vec![b'x'; 600 * KIB])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(ws.recorded_requests().len(), 1);
 
     // The first finishes, and its share comes back.
     tx.send(Ok(Bytes::copy_from_slice(&held[400 * KIB..])))

@@ -50,6 +50,7 @@
 //! ```
 
 mod arguments;
+mod lean;
 #[cfg(test)]
 mod proptests;
 mod report;

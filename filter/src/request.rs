@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::lean::{self, Aside, Spliced};
 use super::report::{FilterAction, FilterReport};
 use super::response::ToolContext;
 use super::rules::{self, FieldPath, Mode, ModelRules, RequestContext};
@@ -199,6 +200,8 @@ enum Member {
     Replace(Arc<[u8]>),
     /// Nothing: the member is removed.
     Remove,
+    /// The `messages` list the rules changed, written straight into the new body.
+    Messages,
 }
 
 /// The `model` a request body names, if it names one as a string.
@@ -318,11 +321,18 @@ fn sanitize_bytes(body: &[u8], sanitizer: Option<&RequestSanitizer>) -> RequestO
     let mut report = FilterReport::default();
     let mut tools = ToolContext::default();
     let mut out: Vec<Member> = Vec::with_capacity(members.len());
+    let mut rewritten: Option<RewrittenList<'_>> = None;
     for (key, raw) in &members {
         let member = match &**key {
             "messages" => match view::messages(raw) {
-                Messages::List(list) => sanitize_message_list(&list, &mut report)
-                    .unwrap_or_else(|| sanitize_member(key, raw, &mut report).0),
+                Messages::List(list) => match sanitize_message_list(list, body, &mut report) {
+                    Some(None) => Member::Keep,
+                    Some(Some(list)) => {
+                        rewritten = Some(list);
+                        Member::Messages
+                    }
+                    None => sanitize_member(key, raw, &mut report).0,
+                },
                 Messages::Unreadable => sanitize_member(key, raw, &mut report).0,
                 Messages::NotAList => Member::Keep,
             },
@@ -354,11 +364,9 @@ fn sanitize_bytes(body: &[u8], sanitizer: Option<&RequestSanitizer>) -> RequestO
     new_body.push(b'{');
     let mut first = true;
     for ((key, raw), member) in members.iter().zip(&out) {
-        let value = match member {
-            Member::Keep => raw.get().as_bytes(),
-            Member::Replace(value) => &**value,
-            Member::Remove => continue,
-        };
+        if matches!(member, Member::Remove) {
+            continue;
+        }
         if !first {
             new_body.push(b',');
         }
@@ -366,7 +374,15 @@ fn sanitize_bytes(body: &[u8], sanitizer: Option<&RequestSanitizer>) -> RequestO
         // Writing a `str` as JSON cannot fail.
         let _ = serde_json::to_writer(&mut new_body, &**key);
         new_body.push(b':');
-        new_body.extend_from_slice(value);
+        match member {
+            Member::Keep => new_body.extend_from_slice(raw.get().as_bytes()),
+            Member::Replace(value) => new_body.extend_from_slice(value),
+            Member::Messages => match &rewritten {
+                Some(list) if list.write(&mut new_body).is_some() => {}
+                _ => return sanitize_whole(body),
+            },
+            Member::Remove => {}
+        }
     }
     new_body.push(b'}');
     RequestOutcome::changed(new_body, report, tools)
@@ -389,21 +405,25 @@ fn clean_tools(key: &str, raw: &RawValue) -> CleanTools {
 
 /// Runs the rules on a `messages` list the view has read. Only the messages that may change,
 /// and the assistant messages before them that they may be checked against, are parsed into a
-/// `Value`; each other message stands in as its index (the rules keep anything that is not an
-/// object, and judge no message against it) and is copied as it came. `None` if a message the
-/// view read cannot be parsed after all.
-fn sanitize_message_list(
-    list: &[(&RawValue, Verdict)],
+/// `Value` (and of those only the members the rules read: [`lean`]); each other message stands
+/// in as its index (the rules keep anything that is not an object, and judge no message against
+/// it) and is copied as it came. `Some(None)` when nothing changes; `None` if a message the view
+/// read cannot be parsed after all.
+fn sanitize_message_list<'a>(
+    list: Vec<(&'a RawValue, Verdict)>,
+    body: &[u8],
     report: &mut FilterReport,
-) -> Option<Member> {
+) -> Option<Option<RewrittenList<'a>>> {
     // Nothing after the last message that may change is judged again, so from there on clean
     // assistant messages stand in by index too.
     let Some(last_dirty) = list
         .iter()
         .rposition(|(_, verdict)| *verdict == Verdict::Dirty)
     else {
-        return Some(Member::Keep);
+        return Some(None);
     };
+    let lean = lean::usable_for(body);
+    let mut aside = Aside::default();
     let mut messages = Vec::with_capacity(list.len());
     for (i, (raw, verdict)) in list.iter().enumerate() {
         let parse = match verdict {
@@ -411,10 +431,12 @@ fn sanitize_message_list(
             Verdict::CleanAssistant => i < last_dirty,
             Verdict::Dirty => true,
         };
-        messages.push(if parse {
-            serde_json::from_str(raw.get()).ok()?
-        } else {
+        messages.push(if !parse {
             Value::from(i)
+        } else if let Some(message) = lean.then(|| lean::message(raw, &mut aside)).flatten() {
+            message
+        } else {
+            serde_json::from_str(raw.get()).ok()?
         });
     }
     let mut request = Value::Object(Map::from_iter([(
@@ -423,27 +445,49 @@ fn sanitize_message_list(
     )]));
     let changes = sanitize_request(&mut request);
     if changes.is_empty() {
-        return Some(Member::Keep);
+        return Some(None);
     }
-    let Some(Value::Array(kept)) = request.get("messages") else {
+    let Some(Value::Array(kept)) = request.as_object_mut()?.shift_remove("messages") else {
         return None;
     };
-    let mut out = Vec::with_capacity(list.iter().map(|(raw, _)| raw.get().len() + 1).sum());
-    out.push(b'[');
-    for (n, message) in kept.iter().enumerate() {
-        if n > 0 {
-            out.push(b',');
-        }
-        match message {
-            Value::Number(i) => {
-                out.extend_from_slice(list[i.as_u64()? as usize].0.get().as_bytes())
-            }
-            message => serde_json::to_writer(&mut out, message).ok()?,
-        }
-    }
-    out.push(b']');
     report.merge(&changes);
-    Some(Member::Replace(out.into()))
+    Some(Some(RewrittenList { list, kept, aside }))
+}
+
+/// A `messages` list after the rules: what they kept, each message either parsed (and maybe
+/// changed) or the index of one copied as it came.
+struct RewrittenList<'a> {
+    list: Vec<(&'a RawValue, Verdict)>,
+    kept: Vec<Value>,
+    aside: Aside<'a>,
+}
+
+impl RewrittenList<'_> {
+    /// Writes the list into `out`, where the request is being written: building it apart first
+    /// would hold the messages twice more.
+    fn write(&self, out: &mut Vec<u8>) -> Option<()> {
+        out.push(b'[');
+        for (n, message) in self.kept.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            match message {
+                Value::Number(i) => {
+                    out.extend_from_slice(self.list.get(i.as_u64()? as usize)?.0.get().as_bytes())
+                }
+                message => serde_json::to_writer(
+                    &mut *out,
+                    &Spliced {
+                        value: message,
+                        aside: &self.aside,
+                    },
+                )
+                .ok()?,
+            }
+        }
+        out.push(b']');
+        Some(())
+    }
 }
 
 /// Runs the rules on one member alone (they never look across members), and returns what to

@@ -42,7 +42,7 @@ use crate::token::status::Activity;
 use fresh_filter::{ModelRules, RequestContext, RequestSanitizer, ToolContext};
 
 pub(crate) use body_budget::BodyBudget;
-use body_budget::BudgetShare;
+use body_budget::{BudgetShare, FILTER_PEAK};
 use cooldown::retry_after_secs;
 pub(crate) use rate_limit::RateLimits;
 use rate_limit::{TooLong, endpoint_key};
@@ -251,7 +251,13 @@ impl Forwarder {
                 None,
             ));
         }
-        let (bytes, share) = self.read_whole(headers, body).await?;
+        // Passthrough bodies are not filtered, so they hold only their size.
+        let factor = if is_json && mode != Mode::Passthrough {
+            FILTER_PEAK
+        } else {
+            1
+        };
+        let (bytes, mut share) = self.read_whole(headers, body, factor).await?;
         if !is_json || bytes.is_empty() || mode == Mode::Passthrough {
             return Ok((
                 Outgoing::Buffered(bytes),
@@ -279,16 +285,19 @@ impl Forwarder {
             tracing::debug!(report = ?outcome.report, "request sanitised");
         }
         let bytes = outcome.body.map_or(bytes, Bytes::from);
+        // Filtered: only the body to send is left.
+        share.shrink_to(bytes.len());
         Ok((Outgoing::Buffered(bytes), outcome.tools, model, Some(share)))
     }
 
-    /// The whole body, within `PROXY_MAX_BODY` and the body budget. A declared length takes its
-    /// share of the budget before anything is read, and sizes the buffer once: collecting
-    /// chunks and joining them would hold the body twice.
+    /// The whole body, within `PROXY_MAX_BODY` and the body budget, counted `factor` times its
+    /// size. A declared length takes its share of the budget before anything is read, and
+    /// sizes the buffer once: collecting chunks and joining them would hold the body twice.
     async fn read_whole(
         &self,
         headers: &HeaderMap,
         mut body: Body,
+        factor: usize,
     ) -> Result<(Bytes, BudgetShare), ProxyError> {
         let too_large = ProxyError::BodyTooLarge {
             limit: self.max_body,
@@ -298,7 +307,9 @@ impl Forwarder {
         };
         let mut share = self.body_budget.share();
         let declared = declared_length(headers).map_or(0, |len| len as usize);
-        share.cover(declared).map_err(|_| exhausted.clone())?;
+        share
+            .cover(declared.saturating_mul(factor))
+            .map_err(|_| exhausted.clone())?;
         let mut buffer = BytesMut::with_capacity(declared);
         while let Some(frame) = body.frame().await {
             let frame =
@@ -310,7 +321,9 @@ impl Forwarder {
             if len > self.max_body {
                 return Err(too_large);
             }
-            share.cover(len).map_err(|_| exhausted.clone())?;
+            share
+                .cover(len.saturating_mul(factor))
+                .map_err(|_| exhausted.clone())?;
             buffer.extend_from_slice(&chunk);
         }
         Ok((buffer.freeze(), share))

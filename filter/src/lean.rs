@@ -1,0 +1,161 @@
+//! Messages parsed for the rules with only the members the rules read built as a `Value`.
+//!
+//! A `Value` costs several times the JSON it is parsed from, and far more for many small values
+//! (a number is 2 bytes of JSON and 32 of `Value`, before the array's spare capacity): one
+//! message holding a long list of numbers took 38 times its size. The rules read a message's
+//! `role`, `tool_call_id`, `content`, `tool_calls` and `function_call`, and of a content block
+//! its `type`, `text`, `id`, `tool_use_id` and `content`. Every other member stands in the
+//! `Value` as a placeholder string naming its raw text, and [`Spliced`] writes that text back
+//! in its place, byte for byte.
+
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use super::view;
+
+/// Begins every placeholder. JSON can only produce a NUL in a string through the escape
+/// `\u0000`, so a body without that text cannot hold a string that looks like one.
+const MARKER: &str = "\u{0}fresh-filter-raw:";
+
+/// Whether placeholders are safe for this body: nothing in it can be mistaken for one.
+pub(crate) fn usable_for(body: &[u8]) -> bool {
+    !super::contains(body, "\\u0000")
+}
+
+/// The raw members set aside while parsing, indexed by their placeholders.
+#[derive(Default)]
+pub(crate) struct Aside<'a>(Vec<&'a RawValue>);
+
+const MESSAGE_KEYS: [&str; 4] = ["role", "tool_call_id", "tool_calls", "function_call"];
+const BLOCK_KEYS: [&str; 4] = ["type", "text", "id", "tool_use_id"];
+
+/// One message for the rules, or `None` when it is not an object the view reads (a key given
+/// twice): then only a full parse gives what a `Value` would hold.
+pub(crate) fn message<'a>(raw: &'a RawValue, aside: &mut Aside<'a>) -> Option<Value> {
+    object(raw, &MESSAGE_KEYS, aside)
+}
+
+fn object<'a>(raw: &'a RawValue, read: &[&str], aside: &mut Aside<'a>) -> Option<Value> {
+    let members = view::members(raw.get().as_bytes())?;
+    let mut map = Map::with_capacity(members.len());
+    for (key, value) in members {
+        let value = if key == "content" {
+            content(value, aside)?
+        } else if read.contains(&&*key) {
+            serde_json::from_str(value.get()).ok()?
+        } else {
+            aside.0.push(value);
+            Value::String(format!("{MARKER}{}", aside.0.len() - 1))
+        };
+        map.insert(key.into_owned(), value);
+    }
+    Some(Value::Object(map))
+}
+
+/// A `content`: a list of blocks, each read as [`object`] does; anything else whole.
+fn content<'a>(raw: &'a RawValue, aside: &mut Aside<'a>) -> Option<Value> {
+    if !raw.get().starts_with('[') {
+        return serde_json::from_str(raw.get()).ok();
+    }
+    let items: Vec<&RawValue> = serde_json::from_str(raw.get()).ok()?;
+    items
+        .into_iter()
+        .map(|item| {
+            if item.get().starts_with('{') {
+                object(item, &BLOCK_KEYS, aside)
+            } else {
+                serde_json::from_str(item.get()).ok()
+            }
+        })
+        .collect::<Option<Vec<_>>>()
+        .map(Value::Array)
+}
+
+/// Serialises `value` with every placeholder replaced by the raw text it stands for.
+pub(crate) struct Spliced<'v, 'a> {
+    pub(crate) value: &'v Value,
+    pub(crate) aside: &'v Aside<'a>,
+}
+
+impl Serialize for Spliced<'_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let nested = |value| Spliced {
+            value,
+            aside: self.aside,
+        };
+        match self.value {
+            Value::String(text) => match text
+                .strip_prefix(MARKER)
+                .and_then(|n| n.parse::<usize>().ok())
+                .and_then(|n| self.aside.0.get(n))
+            {
+                Some(raw) => raw.serialize(serializer),
+                None => serializer.serialize_str(text),
+            },
+            Value::Array(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(&nested(item))?;
+                }
+                seq.end()
+            }
+            Value::Object(members) => {
+                let mut map = serializer.serialize_map(Some(members.len()))?;
+                for (key, value) in members {
+                    map.serialize_entry(key, &nested(value))?;
+                }
+                map.end()
+            }
+            other => other.serialize(serializer),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(text: &str) -> (Value, String) {
+        let raw: &RawValue = serde_json::from_str(text).unwrap();
+        let mut aside = Aside::default();
+        let value = message(raw, &mut aside).unwrap();
+        let written = serde_json::to_string(&Spliced {
+            value: &value,
+            aside: &aside,
+        })
+        .unwrap();
+        (value, written)
+    }
+
+    #[test]
+    fn members_the_rules_do_not_read_are_set_aside_and_written_back_as_they_came() {
+        let text = r#"{"role":"user","x":[1,2.50,{"a":null}],"content":[{"type":"text","text":" ","cache_control":{"type":"ephemeral"}},{"type":"image","source":{"data":"AAAA"}},"s",{"type":"tool_result","tool_use_id":"t","content":[{"type":"text","text":"ok","extra":1e3}]}],"tool_calls":[{"id":"c"}]}"#;
+        let (value, written) = round_trip(text);
+        assert_eq!(written, text);
+        assert_eq!(value["role"], "user");
+        assert_eq!(value["content"][0]["text"], " ");
+        assert_eq!(value["content"][2], "s");
+        assert_eq!(value["content"][3]["content"][0]["text"], "ok");
+        assert_eq!(value["tool_calls"][0]["id"], "c");
+        for set_aside in [
+            &value["x"],
+            &value["content"][0]["cache_control"],
+            &value["content"][1]["source"],
+            &value["content"][3]["content"][0]["extra"],
+        ] {
+            assert!(
+                set_aside.as_str().unwrap().starts_with(MARKER),
+                "{set_aside}"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_given_twice_and_bodies_with_nul_escapes_are_not_read_this_way() {
+        let raw: &RawValue = serde_json::from_str(r#"{"role":"user","role":"tool"}"#).unwrap();
+        assert!(message(raw, &mut Aside::default()).is_none());
+        assert!(!usable_for(br#"{"a":"\u0000fresh"}"#));
+        assert!(usable_for(br#"{"a":"x\n"}"#));
+    }
+}
