@@ -174,7 +174,10 @@ mod tests {
             let messages = echo["body"]["messages"].as_array().unwrap();
             assert_eq!(messages.len(), 1, "{echo}");
             assert_eq!(messages[0]["content"], "Hello");
-            assert_eq!(echo["body"]["stream_options"]["include_usage"], true, "{echo}");
+            assert_eq!(
+                echo["body"]["stream_options"]["include_usage"], true,
+                "{echo}"
+            );
         }
         assert_eq!(outcome.ready, [503, 200]);
         assert_eq!(outcome.health["status"], "ok");

@@ -215,7 +215,10 @@ fn dependency_names(manifest: &str, section: &str) -> BTreeSet<String> {
     let mut inside = false;
     for line in manifest.lines().map(str::trim) {
         if line.starts_with('[') {
-            inside = line == section;
+            // `[target.'cfg(unix)'.dependencies]` counts as `[dependencies]`, and so on.
+            let kind = section.trim_start_matches('[');
+            inside = line == section
+                || (line.starts_with("[target.") && line.ends_with(&format!(".{kind}")));
             continue;
         }
         if !inside || line.is_empty() || line.starts_with('#') {

@@ -11,8 +11,8 @@
 //! An upstream 429 starts a cooldown of its endpoint that every request to it waits out, and a
 //! replayable request is sent again after it, within `PROXY_RATE_LIMIT_WAIT` ([`rate_limit`]).
 
-mod body_budget;
 mod agent;
+mod body_budget;
 mod client;
 mod cooldown;
 mod error;
