@@ -7,7 +7,7 @@
 //! schedule and the failure modes.
 //!
 //! * [`schedule`]: the decision, a pure function of `now` ([`schedule::next_action`]).
-//! * [`api`]: the token API client, with errors classified for retries.
+//! * the token API client is [`crate::databricks::token_api`].
 //! * [`state`]: the state file that lets a restart resume; [`lock`]: one rotator per file.
 //! * [`sinks`]: `PAT_SINKS`; [`sessions`]: whether anyone is using the proxy.
 //!
@@ -55,7 +55,6 @@
 //! # }
 //! ```
 
-pub mod api;
 mod engine;
 pub mod lock;
 pub mod schedule;
