@@ -181,6 +181,7 @@ fn state_source(config: &Config) -> &'static str {
         fresh_proxy::config::TokenMode::Rotate { .. } => "rotator",
         fresh_proxy::config::TokenMode::Follow { .. } => "file",
         fresh_proxy::config::TokenMode::OAuth { .. } => "oauth",
+        ref other => other.method().name(),
     }
 }
 

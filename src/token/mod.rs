@@ -2,6 +2,7 @@
 //! follower of the config file, and the status they publish for `/health`.
 
 pub mod oauth;
+pub mod precedence;
 pub mod rotator;
 pub mod status;
 
@@ -49,6 +50,10 @@ impl TokenSetup {
         let metrics = Metrics::new();
         let activity = Activity::default();
         match &config.token_mode {
+            TokenMode::DatabricksCli { .. } | TokenMode::Oidc { .. } => Err(ConfigError::var(
+                "DATABRICKS_AUTH_TYPE",
+                format!("{} is not available yet", config.token_mode.method().name()),
+            )),
             TokenMode::Follow { env_token } => {
                 drop(client);
                 let file = ConfigFileToken::new(&config.config_file, &config.profile);
