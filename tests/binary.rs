@@ -161,7 +161,7 @@ async fn follower_serves_then_drains_in_flight_streams_on_sigterm() {
         .unwrap()
         .json_text()
         .await;
-    assert_eq!(health["token"]["source"], "file");
+    assert_eq!(health["token"]["source"], "pat-file");
     assert_eq!(health["status"], "ok");
     let res = client
         .post(format!("{}/chat/invocations", proxy.url()))

@@ -143,7 +143,7 @@ async fn ten_rotations_under_load_fail_no_request() {
     assert!(served > 100, "only {served} requests were sent");
 
     let h = health(&proxy.url()).await;
-    assert_eq!(h["token"]["source"], "rotator");
+    assert_eq!(h["token"]["source"], "pat-rotating");
     assert_eq!(h["token"]["rotating"], true);
     assert!(h["token"]["rotations"].as_u64().unwrap() >= 10, "{h}");
     assert_eq!(ws.stats().create_failures, 0);

@@ -9,6 +9,7 @@
 //! * [`backoff`]: one [`Backoff`](backoff::Backoff) for every retry.
 
 pub mod backoff;
+pub mod cli;
 pub mod error;
 pub mod oidc;
 pub mod token_api;

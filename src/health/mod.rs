@@ -71,6 +71,7 @@ pub(crate) async fn health(State(app): State<HealthState>) -> Json<serde_json::V
             "last_rotation": rfc3339(status.last_rotation),
             "rotations": status.rotations,
             "rotating": status.rotating,
+            "action": status.action,
         },
     }))
 }
@@ -85,6 +86,11 @@ pub(crate) async fn ready(State(app): State<HealthState>) -> Response {
         }
         TokenState::Missing => "no token is available",
         TokenState::Expired => "the token has expired",
+    };
+    // A failure no retry can cure says what a person must run.
+    let reason = match &status.action {
+        Some(action) => format!("{reason}: {action}"),
+        None => reason.to_owned(),
     };
     (
         StatusCode::SERVICE_UNAVAILABLE,

@@ -1,8 +1,10 @@
 //! The token machinery: choosing and starting, for a [`Config`], the rotator, OAuth, or a
 //! follower of the config file, and the status they publish for `/health`.
 
+pub mod cli;
 pub mod oauth;
 pub mod precedence;
+pub mod refreshing;
 pub mod rotator;
 pub mod status;
 
@@ -14,8 +16,11 @@ use fresh_token::{ConfigFileToken, FirstAvailable, StaticToken, TokenSource};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, IdlePolicyArg, TokenMode};
+use crate::databricks::cli::CliTarget;
 use crate::health::metrics::Metrics;
+use crate::token::cli::CliFetcher;
 use crate::token::oauth::{OAuthConfig, OAuthSource};
+use crate::token::refreshing::{Fetch, RefreshingSource};
 use crate::token::rotator::{IdlePolicy, Rotator, RotatorConfig, parse_sinks};
 use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 
@@ -50,7 +55,21 @@ impl TokenSetup {
         let metrics = Metrics::new();
         let activity = Activity::default();
         match &config.token_mode {
-            TokenMode::DatabricksCli { .. } | TokenMode::Oidc { .. } => Err(ConfigError::var(
+            TokenMode::DatabricksCli { cli_path, profile } => {
+                let target = CliTarget {
+                    cli_path: cli_path.clone(),
+                    profile: profile.clone(),
+                    host: config.host.as_str().trim_end_matches('/').to_owned(),
+                };
+                let fetcher = CliFetcher::new(target, &config.config_file);
+                Ok(Self::refreshing(
+                    fetcher,
+                    SourceKind::DatabricksCli,
+                    metrics,
+                    activity,
+                ))
+            }
+            TokenMode::Oidc { .. } => Err(ConfigError::var(
                 "DATABRICKS_AUTH_TYPE",
                 format!("{} is not available yet", config.token_mode.method().name()),
             )),
@@ -135,6 +154,25 @@ impl TokenSetup {
                     task: Some(Box::new(move |cancel| Box::pin(task.run(cancel)))),
                 })
             }
+        }
+    }
+
+    /// A source that `fetcher` keeps fresh, with its background task.
+    fn refreshing<F: Fetch>(
+        fetcher: F,
+        kind: SourceKind,
+        metrics: Metrics,
+        activity: Activity,
+    ) -> Self {
+        let status = StatusCell::new(TokenStatus::new(kind));
+        let source = RefreshingSource::new(fetcher, kind, status.clone(), metrics.clone());
+        let task = source.clone();
+        Self {
+            source: Arc::new(source),
+            status,
+            metrics,
+            activity,
+            task: Some(Box::new(move |cancel| Box::pin(task.run(cancel)))),
         }
     }
 
