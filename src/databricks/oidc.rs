@@ -119,15 +119,18 @@ impl OidcClient {
         subject: &Token,
         client_id: Option<&str>,
     ) -> Result<AccessToken, ApiError> {
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", TOKEN_EXCHANGE_GRANT)
-            .append_pair("subject_token_type", JWT_TOKEN_TYPE)
-            .append_pair("subject_token", subject.expose_secret())
-            .append_pair("scope", "all-apis");
-        if let Some(client_id) = client_id {
-            form.append_pair("client_id", client_id);
-        }
-        let request = self.client.post(token_endpoint).body(form.finish());
+        let body = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", TOKEN_EXCHANGE_GRANT)
+                .append_pair("subject_token_type", JWT_TOKEN_TYPE)
+                .append_pair("subject_token", subject.expose_secret())
+                .append_pair("scope", "all-apis");
+            if let Some(client_id) = client_id {
+                form.append_pair("client_id", client_id);
+            }
+            form.finish()
+        };
+        let request = self.client.post(token_endpoint).body(body);
         self.token_request("token exchange", request).await
     }
 

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod oauth;
+pub mod oidc;
 pub mod precedence;
 pub mod refreshing;
 pub mod rotator;
@@ -15,11 +16,14 @@ use std::sync::Arc;
 use fresh_token::{ConfigFileToken, FirstAvailable, StaticToken, TokenSource};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::SubjectToken;
 use crate::config::{Config, ConfigError, IdlePolicyArg, TokenMode};
 use crate::databricks::cli::CliTarget;
+use crate::databricks::oidc::OidcClient;
 use crate::health::metrics::Metrics;
 use crate::token::cli::CliFetcher;
 use crate::token::oauth::{OAuthConfig, OAuthSource};
+use crate::token::oidc::OidcFetcher;
 use crate::token::refreshing::{Fetch, RefreshingSource};
 use crate::token::rotator::{IdlePolicy, Rotator, RotatorConfig, parse_sinks};
 use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
@@ -69,10 +73,19 @@ impl TokenSetup {
                     activity,
                 ))
             }
-            TokenMode::Oidc { .. } => Err(ConfigError::var(
-                "DATABRICKS_AUTH_TYPE",
-                format!("{} is not available yet", config.token_mode.method().name()),
-            )),
+            TokenMode::Oidc { subject, client_id } => {
+                let kind = match subject {
+                    SubjectToken::Env { .. } => SourceKind::EnvOidc,
+                    SubjectToken::File(_) => SourceKind::FileOidc,
+                };
+                let host = config.host.as_str().trim_end_matches('/');
+                let fetcher = OidcFetcher::new(
+                    OidcClient::new(client, host),
+                    subject.clone(),
+                    client_id.clone(),
+                );
+                Ok(Self::refreshing(fetcher, kind, metrics, activity))
+            }
             TokenMode::Follow { env_token } => {
                 drop(client);
                 let file = ConfigFileToken::new(&config.config_file, &config.profile);
