@@ -166,6 +166,13 @@ impl<F: Fetch> RefreshingSource<F> {
     }
 }
 
+/// When a token that expires at `expiry` after living `ttl` is refreshed: `min(ttl / 2, 20 min)`
+/// before its expiry, as the SDKs do. For every token of a minute or more that is at least
+/// 30 s before the hard edge; a shorter token is refreshed at half its life.
+pub fn refresh_due(expiry: SystemTime, ttl: Duration) -> SystemTime {
+    expiry - refresh_lead(ttl)
+}
+
 /// The tokio instant of wall-clock time `at` (now when it has passed).
 fn instant_of(at: SystemTime) -> Instant {
     Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default()
@@ -189,7 +196,7 @@ impl<F: Fetch> Inner<F> {
         match result {
             Ok(Fetched { token, expiry }) => {
                 let ttl = expiry.duration_since(now).unwrap_or_default();
-                *self.lock_schedule() = Some((expiry - refresh_lead(ttl), ttl));
+                *self.lock_schedule() = Some((refresh_due(expiry, ttl), ttl));
                 self.shared.publish(token.clone());
                 self.metrics.rotation("oauth_ok");
                 let had_action = self.status.get().action.is_some();
@@ -268,5 +275,31 @@ impl<F: Fetch> fmt::Debug for RefreshingSource<F> {
             .field("fetcher", &self.inner.fetcher)
             .field("token", &self.inner.shared.current())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn refresh_lead_table() {
+        let expiry = UNIX_EPOCH + Duration::from_secs(100_000);
+        let secs = Duration::from_secs;
+        let cases = [
+            (secs(3600), secs(20 * 60)),
+            (secs(7200), secs(20 * 60)),
+            (secs(1800), secs(900)),
+            (secs(60), secs(30)),
+            (secs(12), secs(6)),
+        ];
+        for (ttl, lead) in cases {
+            assert_eq!(refresh_due(expiry, ttl), expiry - lead, "ttl {ttl:?}");
+        }
+        for ttl in (60..=7200).step_by(7).map(secs) {
+            let margin = expiry.duration_since(refresh_due(expiry, ttl)).unwrap();
+            assert!(margin >= secs(30), "ttl {ttl:?}: {margin:?} before expiry");
+        }
     }
 }
