@@ -182,6 +182,20 @@ async fn two_proxies_on_one_profile_never_refresh_at_once() {
         .unwrap();
     let health = json(health).await;
     assert_eq!(health["token"]["source"], "databricks-cli");
+    let metrics = http_client()
+        .get(format!("{}/metrics", a.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let refreshed = metrics
+        .lines()
+        .find(|l| l.starts_with("fresh_proxy_rotations_total{result=\"refresh_ok\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(refreshed.is_some_and(|n| n >= 1.0), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

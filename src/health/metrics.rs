@@ -26,13 +26,15 @@ struct KindLabel {
 }
 
 /// Every `result` label of `fresh_proxy_rotations_total`.
-pub const ROTATION_RESULTS: [&str; 6] = [
+pub const ROTATION_RESULTS: [&str; 8] = [
     "ok",
     "failed",
     "refused",
     "skipped_expired",
     "oauth_ok",
     "oauth_failed",
+    "refresh_ok",
+    "refresh_failed",
 ];
 
 /// Every `class` label of `fresh_proxy_requests_total`.

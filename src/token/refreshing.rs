@@ -198,7 +198,7 @@ impl<F: Fetch> Inner<F> {
                 let ttl = expiry.duration_since(now).unwrap_or_default();
                 *self.lock_schedule() = Some((refresh_due(expiry, ttl), ttl));
                 self.shared.publish(token.clone());
-                self.metrics.rotation("oauth_ok");
+                self.metrics.rotation("refresh_ok");
                 let had_action = self.status.get().action.is_some();
                 self.status.update(|s| {
                     s.present = true;
@@ -219,7 +219,7 @@ impl<F: Fetch> Inner<F> {
                 Ok(token)
             }
             Err(err) => {
-                self.metrics.rotation("oauth_failed");
+                self.metrics.rotation("refresh_failed");
                 if err.kind() == ErrorKind::Auth {
                     let action = self.fetcher.action();
                     let first = self.status.get().action.is_none();
