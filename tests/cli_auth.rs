@@ -153,6 +153,10 @@ async fn two_proxies_on_one_profile_never_refresh_at_once() {
     assert!(stats.refreshes >= 3, "tokens were refreshed: {stats:?}");
     let calls = cli_calls(&setup);
     let token_calls = calls.iter().filter(|c| c.contains("auth token")).count();
+    eprintln!(
+        "{requests} requests, {} failed; {token_calls} CLI token calls; {stats:?}",
+        failed.len()
+    );
     assert!(
         token_calls * 5 < requests,
         "{token_calls} CLI calls for {requests} requests"
