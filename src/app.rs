@@ -113,7 +113,7 @@ impl AppState {
     /// A copy sharing everything (token source, status, metrics, request ids, the filter's
     /// memory) but the upstream client, which is new. A client's pooled connections are driven
     /// by tasks on the runtime that opened them, so each runtime serving the app should have its
-    /// own: [`server::serve`] builds one copy per worker.
+    /// own: [`crate::server::serve`] builds one copy per worker.
     pub fn for_runtime(&self) -> Self {
         let mut copy = self.clone();
         copy.forwarder.client = upstream_client(&self.forwarder.upstream_base);

@@ -15,6 +15,7 @@ use crate::token::precedence::{
     Environment, HOST, Method, OIDC_TOKEN_ENV, OIDC_TOKEN_FILEPATH, Origin, PROFILE, Resolved,
     TOKEN,
 };
+use crate::token::rotator::IdlePolicy;
 
 /// Command line and environment, as clap parses them. Field names are the variables' names, so
 /// each flag is the kebab-case of its variable.
@@ -97,7 +98,7 @@ pub struct Cli {
     pub pat_rotation_interval: u64,
     /// With no active sessions: `keepalive` rotates before expiry, `lapse` lets the token expire
     #[arg(long, env = "PAT_IDLE_POLICY", value_enum, default_value = "keepalive")]
-    pub pat_idle_policy: IdlePolicyArg,
+    pub pat_idle_policy: IdlePolicy,
     /// URL of a JSON document with an integer `active_sessions` [default: proxied traffic counts]
     #[arg(long, env = "PAT_SESSIONS_URL", value_name = "URL")]
     pub pat_sessions_url: Option<String>,
@@ -141,15 +142,6 @@ pub enum Switch {
     On,
     /// Disabled.
     Off,
-}
-
-/// `PAT_IDLE_POLICY` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum IdlePolicyArg {
-    /// Rotate before expiry even with no active sessions.
-    Keepalive,
-    /// Let the token expire while idle.
-    Lapse,
 }
 
 /// Log line formats.
@@ -290,7 +282,7 @@ pub struct RotationSettings {
     /// `PAT_ROTATION_INTERVAL`.
     pub interval: Duration,
     /// `PAT_IDLE_POLICY`.
-    pub idle_policy: IdlePolicyArg,
+    pub idle_policy: IdlePolicy,
     /// `PAT_SESSIONS_URL`.
     pub sessions_url: Option<Url>,
     /// `PAT_IDLE_AFTER`.

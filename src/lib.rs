@@ -1,7 +1,7 @@
 //! fresh-proxy: a local reverse proxy for Databricks model serving that keeps coding agents on a
 //! fresh token.
 //!
-//! [`app`] builds the whole HTTP surface as an axum [`Router`], so tests and examples run exactly
+//! [`app`] builds the whole HTTP surface as an axum [`Router`](axum::Router), so tests and examples run exactly
 //! what the binary runs:
 //!
 //! * every method and path but the three below is forwarded to the upstream base, with the

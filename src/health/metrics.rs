@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::atomic::AtomicU64;
 
+use fresh_filter::{FilterAction, FilterReport};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,20 +26,103 @@ struct KindLabel {
     kind: &'static str,
 }
 
-/// Every `result` label of `fresh_proxy_rotations_total`.
-pub const ROTATION_RESULTS: [&str; 8] = [
-    "ok",
-    "failed",
-    "refused",
-    "skipped_expired",
-    "oauth_ok",
-    "oauth_failed",
-    "refresh_ok",
-    "refresh_failed",
-];
+/// The `result` label of `fresh_proxy_rotations_total`: how one attempt to get a new token
+/// ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RotationResult {
+    /// A PAT was minted and published.
+    Ok,
+    /// Minting failed (network, server error, or the new token could not be saved).
+    Failed,
+    /// The workspace refused to mint (401, 403, quota).
+    Refused,
+    /// No rotation: the held token had already expired, so the API was not called with it.
+    SkippedExpired,
+    /// An OAuth token was fetched.
+    OauthOk,
+    /// An OAuth token fetch failed.
+    OauthFailed,
+    /// A `databricks-cli`, `env-oidc` or `file-oidc` token was refreshed.
+    RefreshOk,
+    /// Such a refresh failed.
+    RefreshFailed,
+}
 
-/// Every `class` label of `fresh_proxy_requests_total`.
-const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+impl RotationResult {
+    /// Every result, in the order `/metrics` lists them.
+    pub const ALL: [RotationResult; 8] = [
+        Self::Ok,
+        Self::Failed,
+        Self::Refused,
+        Self::SkippedExpired,
+        Self::OauthOk,
+        Self::OauthFailed,
+        Self::RefreshOk,
+        Self::RefreshFailed,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failed => "failed",
+            Self::Refused => "refused",
+            Self::SkippedExpired => "skipped_expired",
+            Self::OauthOk => "oauth_ok",
+            Self::OauthFailed => "oauth_failed",
+            Self::RefreshOk => "refresh_ok",
+            Self::RefreshFailed => "refresh_failed",
+        }
+    }
+}
+
+/// The `class` label of `fresh_proxy_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StatusClass {
+    /// 1xx
+    Informational,
+    /// 2xx
+    Success,
+    /// 3xx
+    Redirection,
+    /// 4xx
+    ClientError,
+    /// 5xx, and anything out of range
+    ServerError,
+}
+
+impl StatusClass {
+    /// Every class, in the order `/metrics` lists them.
+    pub const ALL: [StatusClass; 5] = [
+        Self::Informational,
+        Self::Success,
+        Self::Redirection,
+        Self::ClientError,
+        Self::ServerError,
+    ];
+
+    /// The class of an HTTP status code.
+    pub fn of(status: u16) -> Self {
+        match status {
+            100..=199 => Self::Informational,
+            200..=299 => Self::Success,
+            300..=399 => Self::Redirection,
+            400..=499 => Self::ClientError,
+            _ => Self::ServerError,
+        }
+    }
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Informational => "1xx",
+            Self::Success => "2xx",
+            Self::Redirection => "3xx",
+            Self::ClientError => "4xx",
+            Self::ServerError => "5xx",
+        }
+    }
+}
 
 /// Every metric the proxy exports. Cheap to clone: all handles are shared.
 #[derive(Clone)]
@@ -69,13 +153,17 @@ impl Metrics {
         let filter_actions = Family::<KindLabel, Counter>::default();
         // Every labelled series exists from the start, at 0: a series that appears only with
         // its first event makes `rate()` and "absent" alerts misread the time before it.
-        for class in STATUS_CLASSES {
-            requests.get_or_create_owned(&ClassLabel { class });
+        for class in StatusClass::ALL {
+            requests.get_or_create_owned(&ClassLabel {
+                class: class.as_str(),
+            });
         }
-        for result in ROTATION_RESULTS {
-            rotations.get_or_create_owned(&ResultLabel { result });
+        for result in RotationResult::ALL {
+            rotations.get_or_create_owned(&ResultLabel {
+                result: result.as_str(),
+            });
         }
-        for action in fresh_filter::FilterAction::ALL {
+        for action in FilterAction::ALL {
             filter_actions.get_or_create_owned(&KindLabel {
                 kind: action.as_str(),
             });
@@ -124,13 +212,7 @@ impl Metrics {
 
     /// Count a response by its status class (`2xx`, `4xx`, ...).
     pub fn request(&self, status: u16) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
+        let class = StatusClass::of(status).as_str();
         self.requests.get_or_create(&ClassLabel { class }).inc();
     }
 
@@ -144,20 +226,32 @@ impl Metrics {
         self.retries.inc();
     }
 
-    /// Count one rotation attempt by `result` (`ok`, `refused`, `failed`, ...).
-    pub fn rotation(&self, result: &'static str) {
-        debug_assert!(
-            ROTATION_RESULTS.contains(&result),
-            "unknown result {result}"
-        );
-        self.rotations.get_or_create(&ResultLabel { result }).inc();
+    /// Count one rotation attempt by its result.
+    pub fn rotation(&self, result: RotationResult) {
+        self.rotations
+            .get_or_create(&ResultLabel {
+                result: result.as_str(),
+            })
+            .inc();
     }
 
-    /// Count `count` filter changes of `kind`.
-    pub fn filter_action(&self, kind: &'static str, count: u64) {
+    /// Count `count` filter changes of one kind.
+    pub fn filter_action(&self, action: FilterAction, count: u64) {
         self.filter_actions
-            .get_or_create(&KindLabel { kind })
+            .get_or_create(&KindLabel {
+                kind: action.as_str(),
+            })
             .inc_by(count);
+    }
+
+    /// Count every change a filter report holds.
+    pub fn filter_report(&self, report: &FilterReport) {
+        for action in FilterAction::ALL {
+            let count = report.get(action);
+            if count > 0 {
+                self.filter_action(action, count);
+            }
+        }
     }
 
     /// Prometheus text exposition, with the token gauge set to `seconds_to_expiry`. An unknown
@@ -185,15 +279,17 @@ mod tests {
     #[test]
     fn every_labelled_series_is_there_from_the_start() {
         let text = Metrics::new().render(None);
-        let kinds = fresh_filter::FilterAction::ALL.map(|a| a.as_str());
-        let lines = STATUS_CLASSES
+        let kinds = FilterAction::ALL.map(|a| a.as_str());
+        let lines = StatusClass::ALL
             .iter()
-            .map(|class| format!("fresh_proxy_requests_total{{class=\"{class}\"}} 0"))
-            .chain(
-                ROTATION_RESULTS
-                    .iter()
-                    .map(|result| format!("fresh_proxy_rotations_total{{result=\"{result}\"}} 0")),
-            )
+            .map(|class| {
+                let class = class.as_str();
+                format!("fresh_proxy_requests_total{{class=\"{class}\"}} 0")
+            })
+            .chain(RotationResult::ALL.iter().map(|result| {
+                let result = result.as_str();
+                format!("fresh_proxy_rotations_total{{result=\"{result}\"}} 0")
+            }))
             .chain(
                 kinds
                     .iter()
@@ -214,8 +310,8 @@ mod tests {
         metrics.request(204);
         metrics.request(503);
         metrics.retry();
-        metrics.rotation("ok");
-        metrics.filter_action("empty_text_dropped", 3);
+        metrics.rotation(RotationResult::Ok);
+        metrics.filter_action(FilterAction::EmptyTextDropped, 3);
         metrics.upstream_latency(0.004);
         let text = metrics.render(Some(812));
         for line in [

@@ -19,8 +19,6 @@ pub enum ProxyError {
     UpstreamUnreachable,
     /// The upstream sent no response headers in time.
     UpstreamTimeout,
-    /// No usable token.
-    NoToken,
 }
 
 impl ProxyError {
@@ -41,11 +39,6 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
                 "the upstream sent no response headers in time".to_owned(),
-            ),
-            Self::NoToken => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "token_unavailable",
-                "no valid token is available".to_owned(),
             ),
         }
     }

@@ -186,9 +186,7 @@ impl Forwarder {
         }
         let sanitizer = Arc::clone(&self.sanitizer);
         let outcome = off_worker_if_large(&bytes, move |body| sanitizer.sanitize(body)).await;
-        for (kind, count) in outcome.report.iter() {
-            self.metrics.filter_action(kind, count);
-        }
+        self.metrics.filter_report(&outcome.report);
         if !outcome.report.is_empty() {
             tracing::debug!(report = ?outcome.report, "request sanitised");
         }

@@ -166,9 +166,7 @@ fn log_body_error(item: &Result<Bytes, BodyError>) {
 }
 
 fn record(metrics: &Metrics, report: &FilterReport) {
-    for (kind, count) in report.iter() {
-        metrics.filter_action(kind, count);
-    }
+    metrics.filter_report(report);
 }
 
 struct SseState {

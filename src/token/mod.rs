@@ -17,7 +17,7 @@ use fresh_token::{ConfigFileToken, FirstAvailable, StaticToken, TokenSource};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SubjectToken;
-use crate::config::{Config, ConfigError, IdlePolicyArg, TokenMode};
+use crate::config::{Config, ConfigError, TokenMode};
 use crate::databricks::cli::CliTarget;
 use crate::databricks::oidc::OidcClient;
 use crate::health::metrics::Metrics;
@@ -25,7 +25,7 @@ use crate::token::cli::CliFetcher;
 use crate::token::oauth::{OAuthConfig, OAuthSource};
 use crate::token::oidc::OidcFetcher;
 use crate::token::refreshing::{Fetch, RefreshingSource};
-use crate::token::rotator::{IdlePolicy, Rotator, RotatorConfig, parse_sinks};
+use crate::token::rotator::{Rotator, RotatorConfig, parse_sinks};
 use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -115,10 +115,7 @@ impl TokenSetup {
                     host: config.host.as_str().trim_end_matches('/').to_owned(),
                     lifetime: settings.lifetime,
                     interval: settings.interval,
-                    idle_policy: match settings.idle_policy {
-                        IdlePolicyArg::Keepalive => IdlePolicy::Keepalive,
-                        IdlePolicyArg::Lapse => IdlePolicy::Lapse,
-                    },
+                    idle_policy: settings.idle_policy,
                     sessions_url: settings.sessions_url.as_ref().map(|u| u.to_string()),
                     idle_after: settings.idle_after,
                     revoke_grace: settings.revoke_grace,

@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::databricks::ApiError;
 use crate::databricks::backoff::Backoff;
 use crate::databricks::oidc::{AccessToken, DEFAULT_TTL, OidcClient};
-use crate::health::metrics::Metrics;
+use crate::health::metrics::{Metrics, RotationResult};
 use crate::token::status::{SourceKind, StatusCell};
 
 /// After a fetch made because upstream rejected a token, no other such fetch for this long. If
@@ -212,7 +212,7 @@ impl Inner {
         match &result {
             Ok(token) => {
                 let now = SystemTime::now();
-                self.metrics.rotation("oauth_ok");
+                self.metrics.rotation(RotationResult::OauthOk);
                 self.status.update(|s| {
                     s.source = SourceKind::Oauth;
                     s.present = true;
@@ -229,7 +229,7 @@ impl Inner {
                     "fetched an OAuth access token"
                 );
             }
-            Err(_) => self.metrics.rotation("oauth_failed"),
+            Err(_) => self.metrics.rotation(RotationResult::OauthFailed),
         }
         result
     }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::databricks::backoff::Backoff;
 use crate::databricks::{ApiError, ErrorKind};
-use crate::health::metrics::Metrics;
+use crate::health::metrics::{Metrics, RotationResult};
 use crate::token::oauth::{REJECTION_FETCH_INTERVAL, fetch_backoff, refresh_lead};
 use crate::token::status::{SourceKind, StatusCell};
 
@@ -198,7 +198,7 @@ impl<F: Fetch> Inner<F> {
                 let ttl = expiry.duration_since(now).unwrap_or_default();
                 *self.lock_schedule() = Some((refresh_due(expiry, ttl), ttl));
                 self.shared.publish(token.clone());
-                self.metrics.rotation("refresh_ok");
+                self.metrics.rotation(RotationResult::RefreshOk);
                 let had_action = self.status.get().action.is_some();
                 self.status.update(|s| {
                     s.present = true;
@@ -219,7 +219,7 @@ impl<F: Fetch> Inner<F> {
                 Ok(token)
             }
             Err(err) => {
-                self.metrics.rotation("refresh_failed");
+                self.metrics.rotation(RotationResult::RefreshFailed);
                 if err.kind() == ErrorKind::Auth {
                     let action = self.fetcher.action();
                     let first = self.status.get().action.is_none();

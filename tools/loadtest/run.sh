@@ -27,8 +27,10 @@
 #   FLOOR=auto          1: also load the harness's bare hyper passthrough (no filter) as a fourth
 #                       target, "floor": the least any reverse proxy adds on this machine.
 #                       auto: on when the reference is nginx (otherwise it is the reference)
-#   NGINX_WORKERS=auto  nginx worker_processes
-#   NGINX_KEEPALIVE=0   1: nginx keeps upstream connections alive (HTTP/1.1, keepalive 64)
+#   NGINX_WORKERS=auto  nginx worker_processes (auto: one per CPU)
+#   NGINX_KEEPALIVE=1   nginx keeps upstream connections alive (HTTP/1.1, keepalive 64), as a
+#                       careful operator runs it; 0: a new upstream connection per request (a
+#                       weaker reference, kept for comparison with older figures)
 #   WRK_CPUS= UPSTREAM_CPUS= PROXY_CPUS=   taskset CPU lists (PROXY_CPUS also pins the reference)
 #   SSE_STREAMS=1000 SSE_EVENTS=10 SSE_INTERVAL_MS=100
 #   SKIP_BUILD=0        1: use the binaries already in target/release
@@ -53,7 +55,7 @@ UPSTREAM_THREADS="${UPSTREAM_THREADS:-1}"
 REFERENCE="${REFERENCE:-auto}"
 FLOOR="${FLOOR:-auto}"
 NGINX_WORKERS="${NGINX_WORKERS:-auto}"
-NGINX_KEEPALIVE="${NGINX_KEEPALIVE:-0}"
+NGINX_KEEPALIVE="${NGINX_KEEPALIVE:-1}"
 WRK_CPUS="${WRK_CPUS:-}"
 UPSTREAM_CPUS="${UPSTREAM_CPUS:-}"
 PROXY_CPUS="${PROXY_CPUS:-}"
@@ -234,9 +236,9 @@ start_reference() {
         if [[ "$NGINX_KEEPALIVE" == 1 ]]; then
             keepalive="keepalive 64;"
             http11='proxy_http_version 1.1; proxy_set_header Connection "";'
-            REF_KIND="nginx proxy_pass (upstream keepalive)"
+            REF_KIND="nginx proxy_pass (worker_processes $NGINX_WORKERS on $(nproc) CPUs, upstream keepalive 64, HTTP/1.1)"
         else
-            REF_KIND="nginx proxy_pass"
+            REF_KIND="nginx proxy_pass (worker_processes $NGINX_WORKERS on $(nproc) CPUs, NO upstream keepalive: a new connection per request)"
         fi
         mkdir -p "$WORK/nginx"
         cat >"$WORK/nginx/nginx.conf" <<EOF

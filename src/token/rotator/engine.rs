@@ -8,7 +8,7 @@ use fresh_token::databrickscfg::{self, ConfigFileError};
 use fresh_token::{ConfigFileToken, SharedToken, Token, TokenSource};
 use tokio_util::sync::CancellationToken;
 
-use crate::health::metrics::Metrics;
+use crate::health::metrics::{Metrics, RotationResult};
 use crate::token::status::{Activity, SourceKind, StatusCell};
 
 use super::RotatorConfig;
@@ -525,7 +525,7 @@ impl Engine {
         self.retry_at = None;
         self.mint_attempts = 0;
         self.reported_expired = false;
-        self.metrics.rotation("ok");
+        self.metrics.rotation(RotationResult::Ok);
         self.status.update(|s| {
             s.last_rotation = Some(now);
             s.rotations += 1;
@@ -596,7 +596,7 @@ impl Engine {
                 let delay = backoff.delay(self.mint_attempts, fastrand::f64(), err.retry_after());
                 self.mint_attempts += 1;
                 self.retry_at = Some(now + delay);
-                self.metrics.rotation("failed");
+                self.metrics.rotation(RotationResult::Failed);
                 tracing::warn!(
                     attempt = self.mint_attempts,
                     retry_in_ms = delay.as_millis() as u64,
@@ -605,7 +605,7 @@ impl Engine {
                 );
             }
             ErrorKind::Auth | ErrorKind::Permission => {
-                self.metrics.rotation("refused");
+                self.metrics.rotation(RotationResult::Refused);
                 match self.api.me(auth).await {
                     Ok(_) => {
                         self.mint_attempts += 1;
@@ -644,7 +644,7 @@ impl Engine {
             ErrorKind::BadRequest => {
                 self.mint_attempts += 1;
                 self.retry_at = Some(now + backoff.cap);
-                self.metrics.rotation("failed");
+                self.metrics.rotation(RotationResult::Failed);
                 tracing::error!(
                     error = %err,
                     retry_in_ms = backoff.cap.as_millis() as u64,
@@ -748,7 +748,7 @@ impl Engine {
             return;
         }
         self.reported_expired = true;
-        self.metrics.rotation("skipped_expired");
+        self.metrics.rotation(RotationResult::SkippedExpired);
         let reason = match &self.held {
             None => "no token",
             Some(h) if h.dead => "the token is no longer accepted",

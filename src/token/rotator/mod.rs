@@ -2,7 +2,7 @@
 //!
 //! A [`Rotator`] keeps a Databricks personal access token alive for the proxy: it mints a new
 //! token before the current one expires, writes it to the config file (and any `PAT_SINKS`),
-//! publishes it to the proxy's in-memory [`SharedToken`](fresh_token::SharedToken), and revokes
+//! publishes it to the proxy's in-memory [`SharedToken`], and revokes
 //! the previous one after a grace period. `docs/ROTATION.md` describes the sequence, the
 //! schedule and the failure modes.
 //!

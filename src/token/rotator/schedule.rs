@@ -3,33 +3,18 @@
 //! [`next_action`] is the whole rule; `docs/ROTATION.md` states it in prose. Everything is in
 //! wall-clock time ([`SystemTime`]) because a token's expiry is an absolute instant.
 
-use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
 pub use crate::databricks::backoff::Backoff;
 
-/// What to do when no session is active.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What to do when no session is active (`PAT_IDLE_POLICY`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum IdlePolicy {
     /// Keep the token alive: rotate before it expires even with nobody using it.
     #[default]
     Keepalive,
     /// Let the token expire, report it, and wait for a new token in the config file.
     Lapse,
-}
-
-impl FromStr for IdlePolicy {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text.trim().to_ascii_lowercase().as_str() {
-            "keepalive" => Ok(Self::Keepalive),
-            "lapse" => Ok(Self::Lapse),
-            other => Err(format!(
-                "unknown idle policy {other:?}: expected `keepalive` or `lapse`"
-            )),
-        }
-    }
 }
 
 /// Whether anyone is using the proxy, as far as the session probe can tell.
@@ -259,10 +244,14 @@ mod tests {
     }
 
     #[test]
-    fn idle_policy_parses() {
-        assert_eq!("keepalive".parse(), Ok(IdlePolicy::Keepalive));
-        assert_eq!(" Lapse ".parse(), Ok(IdlePolicy::Lapse));
-        assert!("sometimes".parse::<IdlePolicy>().is_err());
+    fn idle_policy_parses_as_its_variable_spells_it() {
+        use clap::ValueEnum as _;
+        assert_eq!(
+            IdlePolicy::from_str("keepalive", false),
+            Ok(IdlePolicy::Keepalive)
+        );
+        assert_eq!(IdlePolicy::from_str("lapse", false), Ok(IdlePolicy::Lapse));
+        assert!(IdlePolicy::from_str("sometimes", false).is_err());
     }
 
     #[test]
