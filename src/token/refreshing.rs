@@ -281,7 +281,79 @@ impl<F: Fetch> fmt::Debug for RefreshingSource<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::UNIX_EPOCH;
+
+    use crate::token::status::TokenStatus;
+
+    /// Hands out `tok-N` for the N-th fetch after a pause, or fails as told.
+    #[derive(Debug, Default)]
+    struct Counting {
+        fetches: AtomicU32,
+        fail: Option<ErrorKind>,
+    }
+
+    impl Fetch for Counting {
+        async fn fetch(&self, _current: Option<Token>) -> Result<Fetched, ApiError> {
+            let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some(kind) = self.fail {
+                return Err(ApiError::new(kind, "test", "no"));
+            }
+            let expiry = SystemTime::now() + Duration::from_secs(600);
+            Ok(Fetched {
+                token: Token::with_expiry(&format!("tok-{n}"), expiry).unwrap(),
+                expiry,
+            })
+        }
+
+        fn action(&self) -> String {
+            "run: something".to_owned()
+        }
+    }
+
+    fn source(fail: Option<ErrorKind>) -> RefreshingSource<Counting> {
+        RefreshingSource::new(
+            Counting {
+                fail,
+                ..Counting::default()
+            },
+            SourceKind::DatabricksCli,
+            StatusCell::new(TokenStatus::new(SourceKind::DatabricksCli)),
+            Metrics::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn concurrent_refreshes_share_one_fetch() {
+        let source = source(None);
+        let rejected = Token::new("tok-0").unwrap();
+        let refreshes = (0..10).map(|_| source.refresh(&rejected));
+        let tokens = futures_util::future::join_all(refreshes).await;
+        assert_eq!(source.fetcher().fetches.load(Ordering::SeqCst), 1);
+        for token in tokens {
+            assert_eq!(token.unwrap().expose_secret(), "tok-1");
+        }
+        assert_eq!(source.current().unwrap().expose_secret(), "tok-1");
+        assert_eq!(source.inner.status.get().rotations, 1);
+    }
+
+    #[tokio::test]
+    async fn a_failure_that_needs_a_person_is_published_once() {
+        let source = source(Some(ErrorKind::Auth));
+        let rejected = Token::new("tok-0").unwrap();
+        assert!(source.refresh(&rejected).await.is_none());
+        assert_eq!(
+            source.inner.status.get().action.as_deref(),
+            Some("run: something")
+        );
+        // Within the rejection interval, no second fetch.
+        assert!(source.refresh(&rejected).await.is_none());
+        assert_eq!(source.fetcher().fetches.load(Ordering::SeqCst), 1);
+        let transient = self::source(Some(ErrorKind::Transient));
+        assert!(transient.refresh(&rejected).await.is_none());
+        assert_eq!(transient.inner.status.get().action, None);
+    }
 
     #[test]
     fn refresh_lead_table() {
