@@ -302,7 +302,7 @@ mod tests {
             }
             let expiry = SystemTime::now() + Duration::from_secs(600);
             Ok(Fetched {
-                token: Token::with_expiry(&format!("tok-{n}"), expiry).unwrap(),
+                token: Token::with_expiry(format!("tok-{n}"), expiry).unwrap(),
                 expiry,
             })
         }
