@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::FromRef;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use fresh_filter::ModelRules;
 use fresh_token::{FreshTokenLayer, TokenSource};
@@ -194,11 +195,17 @@ pub fn app(state: AppState) -> Router {
     let forwarder = state.forwarder.clone();
     let request_ids = state.request_ids.clone();
     let guard = ClientGuardLayer::new(state.policy.clone());
+    let status = state.status.clone();
     let forward = ServiceBuilder::new()
         .map_response(
             move |res: http::Response<fresh_token::ResponseBody<Body>>| {
                 metrics.request(res.status().as_u16());
-                res.map(Body::new)
+                match status.get().action.as_deref() {
+                    Some(action) if res.body().is_rejected() => {
+                        token_unavailable(action).into_response()
+                    }
+                    _ => res.map(Body::new),
+                }
             },
         )
         .layer(FreshTokenLayer::new(state.source.clone()))
@@ -238,6 +245,18 @@ pub fn app(state: AppState) -> Router {
                 // Refusals are answered before anything else runs, and are traced like others.
                 .layer(guard),
         )
+}
+
+/// The 503 an agent gets when no token can be had until a person acts: the same JSON error as
+/// always, its message saying what to run.
+fn token_unavailable(action: &str) -> axum::response::Response {
+    let body = serde_json::json!({
+        "error": {
+            "type": "token_unavailable",
+            "message": format!("no valid token is available: {action}"),
+        }
+    });
+    (http::StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
 }
 
 /// Request ids: a process-wide counter, cheaper than random ids and easy to follow in logs.

@@ -1,15 +1,20 @@
 //! Configuration: environment variables (each with a `--kebab-case` flag) validated into a
 //! [`Config`]. Secrets come from the environment or the config file only, never from flags.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use fresh_token::Token;
-use fresh_token::databrickscfg::{self, ConfigFileError, Profile};
 use reqwest::Url;
 
+use crate::token::precedence::{
+    self, AUTH_TYPE, CLI_PATH, CLIENT_ID, CLIENT_SECRET, ConfigFileView, DEFAULT_OIDC_TOKEN_ENV,
+    Environment, HOST, Method, OIDC_TOKEN_ENV, OIDC_TOKEN_FILEPATH, Origin, PROFILE, Resolved,
+    TOKEN,
+};
 use crate::token::rotator::IdlePolicy;
 
 mod clients;
@@ -23,15 +28,27 @@ pub struct Cli {
     /// The INI file shared with the Databricks CLI and SDKs [default: ~/.databrickscfg]
     #[arg(long, env = "DATABRICKS_CONFIG_FILE", value_name = "PATH")]
     pub databricks_config_file: Option<PathBuf>,
-    /// The profile (section) holding `host` and `token`
-    #[arg(long, env = "DATABRICKS_CONFIG_PROFILE", default_value = "DEFAULT")]
-    pub databricks_config_profile: String,
+    /// The profile (section) holding `host` and the credentials [default: `[__settings__] default_profile`, else DEFAULT]
+    #[arg(long, env = "DATABRICKS_CONFIG_PROFILE", value_name = "NAME")]
+    pub databricks_config_profile: Option<String>,
     /// Workspace URL [default: the profile's host]. http:// only for loopback hosts
     #[arg(long, env = "DATABRICKS_HOST", value_name = "URL")]
     pub databricks_host: Option<String>,
-    /// OAuth M2M client id (the secret comes from DATABRICKS_CLIENT_SECRET or the profile)
+    /// OAuth M2M client id (the secret comes from DATABRICKS_CLIENT_SECRET or the profile); also the federation policy's client for env-oidc and file-oidc
     #[arg(long, env = "DATABRICKS_CLIENT_ID")]
     pub databricks_client_id: Option<String>,
+    /// The auth method: pat, oauth-m2m, databricks-cli, env-oidc, file-oidc [default: the profile's auth_type, else the credentials that are set]
+    #[arg(long, env = "DATABRICKS_AUTH_TYPE", value_name = "METHOD")]
+    pub databricks_auth_type: Option<String>,
+    /// The Databricks CLI that databricks-cli auth runs [default: databricks on PATH]
+    #[arg(long, env = "DATABRICKS_CLI_PATH", value_name = "PATH")]
+    pub databricks_cli_path: Option<String>,
+    /// The environment variable holding the JWT for env-oidc [default: DATABRICKS_OIDC_TOKEN]
+    #[arg(long, env = "DATABRICKS_OIDC_TOKEN_ENV", value_name = "NAME")]
+    pub databricks_oidc_token_env: Option<String>,
+    /// The file holding the JWT for file-oidc, read again at every exchange
+    #[arg(long, env = "DATABRICKS_OIDC_TOKEN_FILEPATH", value_name = "PATH")]
+    pub databricks_oidc_token_filepath: Option<String>,
     /// Listen address
     #[arg(long, env = "PROXY_HOST", default_value = "127.0.0.1")]
     pub proxy_host: IpAddr,
@@ -241,6 +258,9 @@ pub struct Secrets {
     pub token: Option<String>,
     /// `DATABRICKS_CLIENT_SECRET`.
     pub client_secret: Option<String>,
+    /// The rest of the environment, for the precedence rules (`DATABRICKS_*`) and the JWT of
+    /// `env-oidc`, which lives in a variable named by a setting.
+    pub env: Environment,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -251,12 +271,14 @@ impl std::fmt::Debug for Secrets {
                 "client_secret",
                 &self.client_secret.as_ref().map(|_| "****"),
             )
+            .field("env", &self.env)
             .finish()
     }
 }
 
 impl Secrets {
-    /// Read `DATABRICKS_TOKEN` and `DATABRICKS_CLIENT_SECRET`; empty values count as unset.
+    /// Read `DATABRICKS_TOKEN`, `DATABRICKS_CLIENT_SECRET` and the environment; empty values
+    /// count as unset.
     pub fn from_env() -> Self {
         let get = |name| {
             std::env::var(name)
@@ -266,6 +288,7 @@ impl Secrets {
         Self {
             token: get("DATABRICKS_TOKEN"),
             client_secret: get("DATABRICKS_CLIENT_SECRET"),
+            env: Environment(std::env::vars().collect()),
         }
     }
 }
@@ -291,6 +314,54 @@ pub enum TokenMode {
         /// Client secret.
         client_secret: Token,
     },
+    /// U2M tokens from `databricks auth token`.
+    DatabricksCli {
+        /// `DATABRICKS_CLI_PATH`, or `databricks` on `PATH`.
+        cli_path: String,
+        /// The profile to pass as `--profile`; `None`: `--host`.
+        profile: Option<String>,
+    },
+    /// Workload identity federation: a platform JWT exchanged for a Databricks token.
+    Oidc {
+        /// Where the JWT comes from.
+        subject: SubjectToken,
+        /// `DATABRICKS_CLIENT_ID`, the service principal of the federation policy, if set.
+        client_id: Option<String>,
+    },
+}
+
+impl TokenMode {
+    /// The auth method, by its SDK name.
+    pub fn method(&self) -> Method {
+        match self {
+            Self::Rotate { .. } | Self::Follow { .. } => Method::Pat,
+            Self::OAuth { .. } => Method::OAuthM2m,
+            Self::DatabricksCli { .. } => Method::DatabricksCli,
+            Self::Oidc {
+                subject: SubjectToken::Env { .. },
+                ..
+            } => Method::EnvOidc,
+            Self::Oidc {
+                subject: SubjectToken::File(_),
+                ..
+            } => Method::FileOidc,
+        }
+    }
+}
+
+/// The JWT of workload identity federation.
+#[derive(Clone, Debug)]
+pub enum SubjectToken {
+    /// `env-oidc`: the value of an environment variable, read at start (a process's
+    /// environment does not change).
+    Env {
+        /// The variable's name.
+        var: String,
+        /// Its value; prints as `****`.
+        jwt: Token,
+    },
+    /// `file-oidc`: a file, read again at every exchange because the platform replaces it.
+    File(PathBuf),
 }
 
 /// Rotation settings (`PAT_*`).
@@ -408,30 +479,60 @@ impl Config {
                     ConfigError::var("DATABRICKS_CONFIG_FILE", "not set and HOME is unknown")
                 })?,
         };
-        let profile_name = cli.databricks_config_profile.trim().to_owned();
         let mut warnings = Vec::new();
-        // Why there is no profile to take settings from, for the messages that need one.
-        let (profile, absent) = match databrickscfg::read_profile(&config_file, &profile_name) {
-            Ok(profile) => (profile, None),
-            Err(ConfigFileError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                let why = format!("{} does not exist", config_file.display());
-                (Profile::default(), Some(why))
-            }
-            Err(ConfigFileError::MissingProfile { .. }) => {
-                let why = format!("{} has no profile [{profile_name}]", config_file.display());
-                (Profile::default(), Some(why))
-            }
+        // Why the file could not be read, when the environment alone was enough to start.
+        let mut unreadable = None;
+        let file = match read_config_file(&config_file) {
+            Ok(file) => file,
             // The environment alone names the workspace and a credential: a torn or
             // unreadable file is no reason to stay down.
             Err(err) if environment_suffices(cli, secrets) => {
                 warnings.push(format!(
                     "{err}; starting from DATABRICKS_HOST and the credential in the environment"
                 ));
-                (Profile::default(), Some(err.to_string()))
+                unreadable = Some(err.to_string());
+                None
             }
-            Err(err) => return Err(ConfigError(err.to_string())),
+            Err(err) => return Err(err),
+        };
+        let explicit = explicit_settings(cli);
+        let mut env = secrets.env.clone();
+        for (var, value) in [
+            (TOKEN.env, &secrets.token),
+            (CLIENT_SECRET.env, &secrets.client_secret),
+        ] {
+            match value {
+                Some(value) => env.0.insert(var.to_owned(), value.clone()),
+                None => env.0.remove(var),
+            };
+        }
+        let resolved = precedence::resolve(precedence::Inputs {
+            explicit: &explicit,
+            env: &env,
+            file: file.as_ref(),
+        })
+        .map_err(|err| ConfigError(err.0))?;
+        let named = resolved.get(PROFILE).map(str::to_owned);
+        let profile_name = resolved
+            .profile
+            .clone()
+            .or_else(|| named.clone())
+            .unwrap_or_else(|| "DEFAULT".to_owned());
+        // Why the file gave nothing, for the messages that need a value from it.
+        let absent = match &file {
+            None => Some(
+                unreadable.unwrap_or_else(|| format!("{} does not exist", config_file.display())),
+            ),
+            Some(_) if resolved.profile.is_some() => None,
+            Some(_) if named.is_none() && !resolved.set_before_file().is_empty() => Some(format!(
+                "{} is not read: no profile is named and {} set (set DATABRICKS_CONFIG_PROFILE to read it)",
+                config_file.display(),
+                resolved.set_before_file().join(", ")
+            )),
+            Some(_) => Some(format!(
+                "{} has no profile [{profile_name}]",
+                config_file.display()
+            )),
         };
         let lacks = |what: &str| {
             absent.clone().unwrap_or_else(|| {
@@ -442,15 +543,16 @@ impl Config {
             })
         };
 
-        let host_text = cli
-            .databricks_host
-            .clone()
-            .filter(|h| !h.trim().is_empty())
-            .or_else(|| profile.host.clone())
-            .ok_or_else(|| {
-                ConfigError::var("DATABRICKS_HOST", format!("not set, and {}", lacks("host")))
-            })?;
-        let host = parse_base_url("DATABRICKS_HOST", &host_text, false)?;
+        let token_mode = token_mode(cli, &resolved, file.as_ref(), &env, &lacks("token"))?;
+
+        let host_text = resolved.get(HOST).map(str::to_owned).ok_or_else(|| {
+            ConfigError::var("DATABRICKS_HOST", format!("not set, and {}", lacks("host")))
+        })?;
+        let host_var = match resolved.origin(HOST) {
+            Some(Origin::Profile(_)) => resolved.name_of(HOST, file.as_ref()),
+            _ => "DATABRICKS_HOST".to_owned(),
+        };
+        let host = parse_base_url(&host_var, &host_text, false)?;
         let upstream_base = match &cli.proxy_upstream_base {
             Some(base) => parse_base_url(
                 "PROXY_UPSTREAM_BASE",
@@ -463,14 +565,6 @@ impl Config {
                 false,
             )?,
         };
-
-        let env_token = secrets
-            .token
-            .as_deref()
-            .map(Token::new)
-            .transpose()
-            .map_err(|err| ConfigError::var("DATABRICKS_TOKEN", err))?;
-        let token_mode = token_mode(cli, secrets, &profile, env_token, &lacks("token"))?;
 
         let lifetime = Duration::from_secs(cli.pat_token_lifetime);
         let interval = Duration::from_secs(cli.pat_rotation_interval);
@@ -556,48 +650,177 @@ impl Config {
     }
 }
 
+/// The settings given as flags (or read by clap from their variables), by profile key.
+fn explicit_settings(cli: &Cli) -> BTreeMap<String, String> {
+    [
+        (HOST.key, cli.databricks_host.clone()),
+        (PROFILE.key, cli.databricks_config_profile.clone()),
+        (CLIENT_ID.key, cli.databricks_client_id.clone()),
+        (AUTH_TYPE.key, cli.databricks_auth_type.clone()),
+        (CLI_PATH.key, cli.databricks_cli_path.clone()),
+        (OIDC_TOKEN_ENV.key, cli.databricks_oidc_token_env.clone()),
+        (
+            OIDC_TOKEN_FILEPATH.key,
+            cli.databricks_oidc_token_filepath.clone(),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, value)| Some((key.to_owned(), value.filter(|v| !v.trim().is_empty())?)))
+    .collect()
+}
+
+/// The config file, parsed the way the CLI and SDKs read it; `None` when it does not exist.
+fn read_config_file(path: &Path) -> Result<Option<ConfigFileView>, ConfigError> {
+    // Bounded, and without blocking on a FIFO or following the file into a device.
+    let text =
+        match fresh_token::small_file::read_to_string(path, fresh_token::small_file::Links::Follow)
+        {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => {
+                return Err(ConfigError(format!(
+                    "cannot read {}: {err}",
+                    path.display()
+                )));
+            }
+        };
+    let options = ini::ParseOption {
+        enabled_quote: false,
+        enabled_escape: false,
+        enabled_indented_mutiline_value: true,
+        ..ini::ParseOption::default()
+    };
+    let parsed = ini::Ini::load_from_str_opt(&text, options).map_err(|err| {
+        ConfigError(format!(
+            "{} is not a valid config file: line {}, column {}",
+            path.display(),
+            err.line,
+            err.col
+        ))
+    })?;
+    let sections = parsed
+        .iter()
+        .filter_map(|(name, props)| {
+            let keys = props
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            Some((name?.trim().to_owned(), keys))
+        })
+        .collect();
+    Ok(Some(ConfigFileView {
+        path: path.to_owned(),
+        sections,
+    }))
+}
+
+fn secret(
+    resolved: &Resolved,
+    attr: precedence::Attr,
+    file: Option<&ConfigFileView>,
+) -> Result<Option<Token>, ConfigError> {
+    resolved
+        .get(attr)
+        .map(Token::new)
+        .transpose()
+        .map_err(|err| ConfigError::var(&resolved.name_of(attr, file), err))
+}
+
 fn token_mode(
     cli: &Cli,
-    secrets: &Secrets,
-    profile: &Profile,
-    env_token: Option<Token>,
+    resolved: &Resolved,
+    file: Option<&ConfigFileView>,
+    env: &Environment,
     lacks_token: &str,
 ) -> Result<TokenMode, ConfigError> {
-    let pat_available = env_token.is_some() || profile.token.is_some();
-    let client_id = cli
-        .databricks_client_id
-        .clone()
-        .filter(|id| !id.trim().is_empty())
-        .or_else(|| profile.client_id.clone());
-    let client_secret = match &secrets.client_secret {
-        Some(secret) => Some(
-            Token::new(secret).map_err(|err| ConfigError::var("DATABRICKS_CLIENT_SECRET", err))?,
-        ),
-        None => profile.client_secret.clone(),
-    };
-    match (cli.pat_rotation, pat_available) {
-        (Some(Switch::Off), true) => Ok(TokenMode::Follow { env_token }),
-        (_, true) => Ok(TokenMode::Rotate { env_token }),
-        (Some(Switch::On), false) => Err(ConfigError::var(
+    let method = resolved.method;
+    if method != Method::Pat && cli.pat_rotation == Some(Switch::On) {
+        return Err(ConfigError::var(
             "PAT_ROTATION",
             format!(
-                "on, but no PAT to start from ({lacks_token}): set DATABRICKS_TOKEN or put a token in the profile"
+                "on, but the auth method is {}: PATs are rotated only with pat",
+                method.name()
             ),
-        )),
-        // No PAT: OAuth if configured (with `PAT_ROTATION=off` too: it rotates no PAT).
-        (None | Some(Switch::Off), false) => match (client_id, client_secret) {
-            (Some(client_id), Some(client_secret)) => Ok(TokenMode::OAuth {
+        ));
+    }
+    let client_id = resolved.get(CLIENT_ID).map(str::to_owned);
+    match method {
+        Method::Pat => {
+            let token = secret(resolved, TOKEN, file)?;
+            // A token from the profile is followed in the file; one from the environment is a
+            // bootstrap candidate after a token minted earlier.
+            let (env_token, pat_available) = match resolved.origin(TOKEN) {
+                Some(Origin::Profile(_)) => (None, true),
+                Some(_) => (token, true),
+                None => (None, false),
+            };
+            match (cli.pat_rotation, pat_available) {
+                (Some(Switch::Off), true) => Ok(TokenMode::Follow { env_token }),
+                (_, true) => Ok(TokenMode::Rotate { env_token }),
+                (Some(Switch::On), false) => Err(ConfigError::var(
+                    "PAT_ROTATION",
+                    format!(
+                        "on, but no PAT to start from ({lacks_token}): set DATABRICKS_TOKEN or put a token in the profile"
+                    ),
+                )),
+                (_, false) => Err(ConfigError(format!(
+                    "no token: {lacks_token}, and neither DATABRICKS_TOKEN nor DATABRICKS_CLIENT_ID/DATABRICKS_CLIENT_SECRET is set (for `databricks auth login` tokens set DATABRICKS_AUTH_TYPE=databricks-cli)"
+                ))),
+            }
+        }
+        Method::OAuthM2m => {
+            let client_id = client_id.ok_or_else(|| {
+                ConfigError::var(CLIENT_ID.env, "not set, but the auth type is oauth-m2m")
+            })?;
+            let client_secret = secret(resolved, CLIENT_SECRET, file)?.ok_or_else(|| {
+                ConfigError::var(CLIENT_SECRET.env, "not set, but DATABRICKS_CLIENT_ID is")
+            })?;
+            Ok(TokenMode::OAuth {
                 client_id,
                 client_secret,
-            }),
-            (Some(_), None) => Err(ConfigError::var(
-                "DATABRICKS_CLIENT_SECRET",
-                "not set, but DATABRICKS_CLIENT_ID is",
-            )),
-            _ => Err(ConfigError(format!(
-                "no token: {lacks_token}, and neither DATABRICKS_TOKEN nor DATABRICKS_CLIENT_ID/DATABRICKS_CLIENT_SECRET is set"
-            ))),
-        },
+            })
+        }
+        Method::DatabricksCli => Ok(TokenMode::DatabricksCli {
+            cli_path: resolved.get(CLI_PATH).unwrap_or("databricks").to_owned(),
+            profile: resolved.profile.clone(),
+        }),
+        Method::EnvOidc => {
+            let var = resolved
+                .get(OIDC_TOKEN_ENV)
+                .unwrap_or(DEFAULT_OIDC_TOKEN_ENV)
+                .to_owned();
+            let jwt = env.get(&var).ok_or_else(|| {
+                ConfigError::var(
+                    &var,
+                    "not set, but the auth type is env-oidc and the JWT is read from it",
+                )
+            })?;
+            let jwt = Token::new(jwt).map_err(|err| ConfigError::var(&var, err))?;
+            Ok(TokenMode::Oidc {
+                subject: SubjectToken::Env { var, jwt },
+                client_id,
+            })
+        }
+        Method::FileOidc => {
+            let name = resolved.name_of(OIDC_TOKEN_FILEPATH, file);
+            let path = resolved.get(OIDC_TOKEN_FILEPATH).ok_or_else(|| {
+                ConfigError::var(
+                    OIDC_TOKEN_FILEPATH.env,
+                    "not set, but the auth type is file-oidc",
+                )
+            })?;
+            let path = PathBuf::from(path);
+            if let Err(err) = std::fs::metadata(&path) {
+                return Err(ConfigError::var(
+                    &name,
+                    format!("cannot read {}: {err}", path.display()),
+                ));
+            }
+            Ok(TokenMode::Oidc {
+                subject: SubjectToken::File(path),
+                client_id,
+            })
+        }
     }
 }
 
@@ -703,6 +926,7 @@ mod tests {
         let secrets = Secrets {
             token: case.token.map(str::to_owned),
             client_secret: case.client_secret.map(str::to_owned),
+            env: Environment::default(),
         };
         Config::load(&cli, &secrets, Some(dir.path().to_owned()))
     }
@@ -864,9 +1088,15 @@ mod tests {
                 expect: Err(&["no token", ".databrickscfg", "DATABRICKS_TOKEN"]),
             },
             Case {
+                // The profile is named: without it, the SDKs skip the file once a token is set.
                 name: "follower mode with only the environment's token",
                 file: Some("[DEFAULT]\nhost = https://h\n"),
-                args: &["--pat-rotation", "off"],
+                args: &[
+                    "--pat-rotation",
+                    "off",
+                    "--databricks-config-profile",
+                    "DEFAULT",
+                ],
                 token: Some("dapi-env"),
                 client_secret: None,
                 expect: Ok(|c| {
@@ -879,7 +1109,14 @@ mod tests {
             Case {
                 name: "follower mode without a PAT takes OAuth",
                 file: Some("[DEFAULT]\nhost = https://h\n"),
-                args: &["--pat-rotation", "off", "--databricks-client-id", "sp-1"],
+                args: &[
+                    "--pat-rotation",
+                    "off",
+                    "--databricks-client-id",
+                    "sp-1",
+                    "--databricks-config-profile",
+                    "DEFAULT",
+                ],
                 token: None,
                 client_secret: Some("secret-1"),
                 expect: Ok(|c| assert!(matches!(&c.token_mode, TokenMode::OAuth { .. }))),
@@ -887,7 +1124,12 @@ mod tests {
             Case {
                 name: "oauth when no PAT",
                 file: Some("[DEFAULT]\nhost = https://h\n"),
-                args: &["--databricks-client-id", "sp-1"],
+                args: &[
+                    "--databricks-client-id",
+                    "sp-1",
+                    "--databricks-host",
+                    "https://h",
+                ],
                 token: None,
                 client_secret: Some("secret-1"),
                 expect: Ok(|c| {
@@ -899,7 +1141,12 @@ mod tests {
             Case {
                 name: "client id without secret",
                 file: Some("[DEFAULT]\nhost = https://h\n"),
-                args: &["--databricks-client-id", "sp-1"],
+                args: &[
+                    "--databricks-client-id",
+                    "sp-1",
+                    "--databricks-host",
+                    "https://h",
+                ],
                 token: None,
                 client_secret: None,
                 expect: Err(&["DATABRICKS_CLIENT_SECRET"]),
@@ -944,6 +1191,115 @@ mod tests {
                     assert!(c.warnings[0].contains("not a valid config file"));
                     assert!(c.warnings[0].contains("DATABRICKS_HOST"));
                 }),
+            },
+            Case {
+                // The SDKs do not mix: a host set outside the file skips the file's token.
+                name: "host from the flags, token from the file",
+                file: Some(GOOD),
+                args: &["--databricks-host", "https://other.example.com"],
+                token: None,
+                client_secret: None,
+                expect: Err(&[
+                    "no token",
+                    "is not read",
+                    "DATABRICKS_HOST",
+                    "DATABRICKS_CONFIG_PROFILE",
+                ]),
+            },
+            Case {
+                name: "databricks-cli from the profile",
+                file: Some("[dev]\nhost = https://h\nauth_type = databricks-cli\n"),
+                args: &["--databricks-config-profile", "dev"],
+                token: None,
+                client_secret: None,
+                expect: Ok(|c| {
+                    assert!(matches!(
+                        &c.token_mode,
+                        TokenMode::DatabricksCli { cli_path, profile: Some(p) }
+                            if cli_path == "databricks" && p == "dev"
+                    ));
+                    assert_eq!(c.profile, "dev");
+                }),
+            },
+            Case {
+                name: "databricks-cli without a profile runs --host",
+                file: None,
+                args: &[
+                    "--databricks-auth-type",
+                    "databricks-cli",
+                    "--databricks-host",
+                    "https://h",
+                    "--databricks-cli-path",
+                    "/opt/databricks",
+                ],
+                token: None,
+                client_secret: None,
+                expect: Ok(|c| {
+                    assert!(matches!(
+                        &c.token_mode,
+                        TokenMode::DatabricksCli { cli_path, profile: None } if cli_path == "/opt/databricks"
+                    ))
+                }),
+            },
+            Case {
+                name: "two methods in one profile",
+                file: Some(
+                    "[DEFAULT]\nhost = https://h\ntoken = dapi-1\nclient_id = sp\nclient_secret = dose-2\n",
+                ),
+                args: &[],
+                token: None,
+                client_secret: None,
+                expect: Err(&["more than one authorization method configured: oauth and pat"]),
+            },
+            Case {
+                name: "an auth type the proxy lacks",
+                file: Some("[DEFAULT]\nhost = https://h\nauth_type = azure-cli\n"),
+                args: &[],
+                token: None,
+                client_secret: None,
+                expect: Err(&[
+                    "`auth_type` in profile [DEFAULT]",
+                    "azure-cli",
+                    "not supported",
+                ]),
+            },
+            Case {
+                name: "rotation forced on with another method",
+                file: Some("[DEFAULT]\nhost = https://h\nauth_type = databricks-cli\n"),
+                args: &["--pat-rotation", "on"],
+                token: None,
+                client_secret: None,
+                expect: Err(&["PAT_ROTATION", "databricks-cli"]),
+            },
+            Case {
+                name: "env-oidc without its variable",
+                file: None,
+                args: &[
+                    "--databricks-auth-type",
+                    "env-oidc",
+                    "--databricks-host",
+                    "https://h",
+                    "--databricks-oidc-token-env",
+                    "MY_JWT",
+                ],
+                token: None,
+                client_secret: None,
+                expect: Err(&["MY_JWT: not set"]),
+            },
+            Case {
+                name: "file-oidc with a missing file",
+                file: None,
+                args: &[
+                    "--databricks-auth-type",
+                    "file-oidc",
+                    "--databricks-host",
+                    "https://h",
+                    "--databricks-oidc-token-filepath",
+                    "/nonexistent/jwt",
+                ],
+                token: None,
+                client_secret: None,
+                expect: Err(&["DATABRICKS_OIDC_TOKEN_FILEPATH", "/nonexistent/jwt"]),
             },
             Case {
                 name: "rotation forced on without a PAT",
@@ -991,6 +1347,7 @@ mod tests {
             let secrets = Secrets {
                 token: None,
                 client_secret: client_secret.map(str::to_owned),
+                env: Environment::default(),
             };
             Config::load(
                 &Cli::try_parse_from(argv).unwrap(),
@@ -1066,10 +1423,13 @@ mod tests {
         let secrets = Secrets {
             token: Some("dapi-secret".to_owned()),
             client_secret: Some("oauth-secret".to_owned()),
+            env: Environment([("DATABRICKS_OIDC_TOKEN".to_owned(), "eyJ-jwt".to_owned())].into()),
         };
         let shown = format!("{secrets:?}");
         assert!(
-            !shown.contains("dapi-secret") && !shown.contains("oauth-secret"),
+            !shown.contains("dapi-secret")
+                && !shown.contains("oauth-secret")
+                && !shown.contains("eyJ-jwt"),
             "{shown}"
         );
     }

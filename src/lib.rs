@@ -11,10 +11,12 @@
 //!
 //! One module per concern: [`config`] (settings and their validation), [`proxy`] (forwarding),
 //! [`token`] (the machinery that keeps the token alive: rotation, OAuth, the followed file),
+//! [`databricks`] (the client for Databricks' own APIs),
 //! [`health`] (`/health`, `/ready`, `/metrics`) and [`server`] (connections and workers).
 
 mod app;
 pub mod config;
+pub mod databricks;
 pub mod health;
 pub mod proxy;
 pub mod server;

@@ -263,9 +263,9 @@ fn spawn_token_machinery(
 
 fn state_source(config: &Config) -> &'static str {
     match config.token_mode {
-        fresh_proxy::config::TokenMode::Rotate { .. } => "rotator",
-        fresh_proxy::config::TokenMode::Follow { .. } => "file",
-        fresh_proxy::config::TokenMode::OAuth { .. } => "oauth",
+        fresh_proxy::config::TokenMode::Rotate { .. } => "pat-rotating",
+        fresh_proxy::config::TokenMode::Follow { .. } => "pat-file",
+        ref other => other.method().name(),
     }
 }
 

@@ -15,7 +15,7 @@ fn broken_configuration_exits_with_2_and_names_the_variable() {
     let cfg = home.path().join(".databrickscfg");
     std::fs::write(
         &cfg,
-        "[DEFAULT]\nhost = https://example.cloud.databricks.com\ntoken = dapi-in-file-0001\n",
+        "[DEFAULT]\nhost = https://example.cloud.databricks.com\ntoken = dapi-in-file-0001\n\n[both]\nhost = https://example.cloud.databricks.com\ntoken = dapi-in-file-0002\nclient_id = sp-1\nclient_secret = dose-0003\n\n[u2m-elsewhere]\nhost = https://example.cloud.databricks.com\nauth_type = github-oidc\n",
     )
     .unwrap();
     type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
@@ -52,6 +52,35 @@ fn broken_configuration_exits_with_2_and_names_the_variable() {
             &["PROXY_UPSTREAM_TIMEOUT"],
         ),
         (
+            &[("DATABRICKS_AUTH_TYPE", "azure-cli")],
+            &["DATABRICKS_AUTH_TYPE", "`azure-cli` is not supported"],
+        ),
+        (
+            &[("DATABRICKS_CONFIG_PROFILE", "both")],
+            &[
+                "more than one authorization method configured: oauth and pat",
+                "[both]",
+            ],
+        ),
+        (
+            &[("DATABRICKS_CONFIG_PROFILE", "u2m-elsewhere")],
+            &[
+                "`auth_type` in profile [u2m-elsewhere]",
+                "`github-oidc` is not supported",
+            ],
+        ),
+        (
+            &[
+                ("DATABRICKS_AUTH_TYPE", "file-oidc"),
+                ("DATABRICKS_OIDC_TOKEN_FILEPATH", "/nonexistent/jwt"),
+            ],
+            &["DATABRICKS_OIDC_TOKEN_FILEPATH", "/nonexistent/jwt"],
+        ),
+        (
+            &[("DATABRICKS_AUTH_TYPE", "env-oidc")],
+            &["DATABRICKS_OIDC_TOKEN: not set"],
+        ),
+        (
             &[
                 ("DATABRICKS_CONFIG_FILE", "/nonexistent/cfg"),
                 ("DATABRICKS_HOST", "https://h"),
@@ -76,8 +105,8 @@ fn broken_configuration_exits_with_2_and_names_the_variable() {
             );
         }
         assert!(
-            !stderr.contains("dapi-"),
-            "{env:?}: a token value leaked: {stderr}"
+            !stderr.contains("dapi-") && !stderr.contains("dose-"),
+            "{env:?}: a secret leaked: {stderr}"
         );
         let lines = stderr.lines().filter(|l| !l.trim().is_empty()).count();
         assert!(lines <= 4, "one clear message, not a dump: {stderr}");
@@ -161,7 +190,7 @@ async fn follower_serves_then_drains_in_flight_streams_on_sigterm() {
         .unwrap()
         .json_text()
         .await;
-    assert_eq!(health["token"]["source"], "file");
+    assert_eq!(health["token"]["source"], "pat-file");
     assert_eq!(health["status"], "ok");
     let res = client
         .post(format!("{}/chat/invocations", proxy.url()))

@@ -32,7 +32,10 @@ fn rotating_proxy(
     grace: u32,
 ) -> std::process::Command {
     let mut cmd = command(home);
+    // Named, so that the profile's host is read although a token is set in the environment:
+    // the SDKs skip the file otherwise.
     cmd.env("DATABRICKS_TOKEN", bootstrap)
+        .env("DATABRICKS_CONFIG_PROFILE", "DEFAULT")
         .env("PAT_TOKEN_LIFETIME", lifetime.to_string())
         .env("PAT_ROTATION_INTERVAL", interval.to_string())
         .env("PAT_REVOKE_GRACE", grace.to_string())
@@ -140,7 +143,7 @@ async fn ten_rotations_under_load_fail_no_request() {
     assert!(served > 100, "only {served} requests were sent");
 
     let h = health(&proxy.url()).await;
-    assert_eq!(h["token"]["source"], "rotator");
+    assert_eq!(h["token"]["source"], "pat-rotating");
     assert_eq!(h["token"]["rotating"], true);
     assert!(h["token"]["rotations"].as_u64().unwrap() >= 10, "{h}");
     assert_eq!(ws.stats().create_failures, 0);

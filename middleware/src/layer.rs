@@ -259,6 +259,12 @@ pin_project! {
 }
 
 impl<B> ResponseBody<B> {
+    /// Whether this is the body of a request answered 503 for lack of a token (the inner
+    /// service was not called), so that an application can say more about why.
+    pub fn is_rejected(&self) -> bool {
+        matches!(self.kind, BodyKind::Rejected { .. })
+    }
+
     fn inner(body: B) -> Self {
         Self {
             kind: BodyKind::Inner { body },

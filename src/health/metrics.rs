@@ -42,6 +42,10 @@ pub enum RotationResult {
     OauthOk,
     /// An OAuth token fetch failed.
     OauthFailed,
+    /// A `databricks-cli`, `env-oidc` or `file-oidc` token was refreshed.
+    RefreshOk,
+    /// Such a refresh failed.
+    RefreshFailed,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,13 +78,15 @@ impl RateLimitOutcome {
 
 impl RotationResult {
     /// Every result, in the order `/metrics` lists them.
-    pub const ALL: [RotationResult; 6] = [
+    pub const ALL: [RotationResult; 8] = [
         Self::Ok,
         Self::Failed,
         Self::Refused,
         Self::SkippedExpired,
         Self::OauthOk,
         Self::OauthFailed,
+        Self::RefreshOk,
+        Self::RefreshFailed,
     ];
 
     /// The label value.
@@ -92,6 +98,8 @@ impl RotationResult {
             Self::SkippedExpired => "skipped_expired",
             Self::OauthOk => "oauth_ok",
             Self::OauthFailed => "oauth_failed",
+            Self::RefreshOk => "refresh_ok",
+            Self::RefreshFailed => "refresh_failed",
         }
     }
 }

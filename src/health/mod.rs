@@ -74,6 +74,7 @@ pub(crate) async fn health(State(app): State<HealthState>) -> Json<serde_json::V
             "rotating": status.rotating,
             "persist_failed": status.persist_failed,
             "lock_error": status.lock_error,
+            "action": status.action,
         },
     }))
 }
@@ -92,6 +93,11 @@ pub(crate) async fn ready(State(app): State<HealthState>) -> Response {
         }
         (TokenState::Missing, _) => "no token is available".to_owned(),
         (TokenState::Expired, _) => "the token has expired".to_owned(),
+    };
+    // A failure no retry can cure says what a person must run.
+    let reason = match &status.action {
+        Some(action) => format!("{reason}: {action}"),
+        None => reason.to_owned(),
     };
     (
         StatusCode::SERVICE_UNAVAILABLE,

@@ -37,6 +37,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use reqwest::Url;
 
+use crate::databricks::error::describe as describe_error;
 use crate::health::metrics::{Metrics, RateLimitOutcome};
 use crate::token::status::Activity;
 use fresh_filter::{ModelRules, RequestContext, RequestSanitizer, ToolContext};
@@ -537,21 +538,6 @@ fn is_body_limit(err: &reqwest::Error) -> bool {
         source = current.source();
     }
     false
-}
-
-/// An upstream error with its causes, the URL replaced: logs say what failed, not where.
-fn describe_error(err: &reqwest::Error) -> String {
-    let mut text = err.to_string();
-    if let Some(url) = err.url() {
-        text = text.replace(url.as_str(), "<upstream>");
-    }
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -1,8 +1,12 @@
 //! The token machinery: choosing and starting, for a [`Config`], the rotator, OAuth, or a
 //! follower of the config file, and the status they publish for `/health`.
 
+pub mod cli;
 pub mod follower;
 pub mod oauth;
+pub mod oidc;
+pub mod precedence;
+pub mod refreshing;
 pub mod rotator;
 pub mod status;
 
@@ -14,10 +18,16 @@ use std::time::Duration;
 use fresh_token::{ConfigFileToken, TokenSource};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::SubjectToken;
 use crate::config::{Config, ConfigError, TokenMode};
+use crate::databricks::cli::CliTarget;
+use crate::databricks::oidc::OidcClient;
 use crate::health::metrics::Metrics;
+use crate::token::cli::CliFetcher;
 use crate::token::follower::FileFollower;
 use crate::token::oauth::{OAuthConfig, OAuthSource};
+use crate::token::oidc::OidcFetcher;
+use crate::token::refreshing::{Fetch, RefreshingSource};
 use crate::token::rotator::{Rotator, RotatorConfig, parse_sinks};
 use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 
@@ -52,6 +62,33 @@ impl TokenSetup {
         let metrics = Metrics::new();
         let activity = Activity::default();
         match &config.token_mode {
+            TokenMode::DatabricksCli { cli_path, profile } => {
+                let target = CliTarget {
+                    cli_path: cli_path.clone(),
+                    profile: profile.clone(),
+                    host: config.host.as_str().trim_end_matches('/').to_owned(),
+                };
+                let fetcher = CliFetcher::new(target, &config.config_file);
+                Ok(Self::refreshing(
+                    fetcher,
+                    SourceKind::DatabricksCli,
+                    metrics,
+                    activity,
+                ))
+            }
+            TokenMode::Oidc { subject, client_id } => {
+                let kind = match subject {
+                    SubjectToken::Env { .. } => SourceKind::EnvOidc,
+                    SubjectToken::File(_) => SourceKind::FileOidc,
+                };
+                let host = config.host.as_str().trim_end_matches('/');
+                let fetcher = OidcFetcher::new(
+                    OidcClient::new(client, host),
+                    subject.clone(),
+                    client_id.clone(),
+                );
+                Ok(Self::refreshing(fetcher, kind, metrics, activity))
+            }
             TokenMode::Follow { env_token } => {
                 drop(client);
                 let file = ConfigFileToken::new(&config.config_file, &config.profile);
@@ -135,8 +172,27 @@ impl TokenSetup {
         }
     }
 
-    /// The background task (rotation, OAuth refresh, or following the config file); returns
-    /// when `cancel` fires.
+    /// A source that `fetcher` keeps fresh, with its background task.
+    fn refreshing<F: Fetch>(
+        fetcher: F,
+        kind: SourceKind,
+        metrics: Metrics,
+        activity: Activity,
+    ) -> Self {
+        let status = StatusCell::new(TokenStatus::new(kind));
+        let source = RefreshingSource::new(fetcher, kind, status.clone(), metrics.clone());
+        let task = source.clone();
+        Self {
+            source: Arc::new(source),
+            status,
+            metrics,
+            activity,
+            task: Some(Box::new(move |cancel| Box::pin(task.run(cancel)))),
+        }
+    }
+
+    /// The background task (rotation, a refresh, or following the config file); returns when
+    /// `cancel` fires.
     pub async fn run(self, cancel: CancellationToken) {
         if let Some(task) = self.task {
             task(cancel).await;

@@ -36,17 +36,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use fresh_token::{RefreshFuture, SharedToken, Token, TokenSource};
-use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::databricks::ApiError;
+use crate::databricks::backoff::Backoff;
+use crate::databricks::oidc::{AccessToken, DEFAULT_TTL, OidcClient};
 use crate::health::metrics::{Metrics, RotationResult};
-use crate::token::rotator::schedule::{Backoff, retry_after};
 use crate::token::status::{SourceKind, StatusCell};
-
-/// How long one token request may take.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// After a fetch made because upstream rejected a token, no other such fetch for this long. If
 /// the token just fetched is rejected too, the cause is not its age (a 403 for a permission,
@@ -90,7 +88,7 @@ pub struct OAuthSource {
 
 struct Inner {
     config: OAuthConfig,
-    client: reqwest::Client,
+    client: OidcClient,
     shared: SharedToken,
     status: StatusCell,
     metrics: Metrics,
@@ -110,32 +108,6 @@ struct Lifetime {
     expires_at: Instant,
 }
 
-#[derive(Deserialize)]
-struct TokenResponse {
-    access_token: String,
-    #[serde(default)]
-    expires_in: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct OAuthErrorBody {
-    #[serde(default)]
-    error: String,
-    #[serde(default)]
-    error_description: String,
-}
-
-/// Why a fetch failed; never holds the secret or a token.
-#[derive(Debug, thiserror::Error)]
-#[error("{reason}")]
-struct FetchError {
-    reason: String,
-    retry_after: Option<Duration>,
-}
-
-/// Without `expires_in`, a token is assumed to live an hour, the Databricks default.
-const DEFAULT_TTL: Duration = Duration::from_secs(3600);
-
 impl OAuthSource {
     /// A source for `config`. No network yet: the first token is fetched by
     /// [`OAuthSource::run`] or by the first [`TokenSource::refresh`].
@@ -151,8 +123,8 @@ impl OAuthSource {
         });
         Self {
             inner: Arc::new(Inner {
+                client: OidcClient::new(client, &config.host),
                 config,
-                client,
                 shared: SharedToken::new(),
                 status,
                 metrics,
@@ -207,7 +179,7 @@ impl OAuthSource {
                 Err(err) => {
                     let ttl = schedule.map_or(DEFAULT_TTL, |l| l.ttl);
                     let delay =
-                        fetch_backoff(ttl).delay(failures, fastrand::f64(), err.retry_after);
+                        fetch_backoff(ttl).delay(failures, fastrand::f64(), err.retry_after());
                     failures += 1;
                     retry_at = Some(Instant::now() + delay);
                     tracing::warn!(
@@ -235,7 +207,7 @@ impl Inner {
     }
 
     /// One token request. Callers hold `fetching`.
-    async fn fetch(&self) -> Result<Token, FetchError> {
+    async fn fetch(&self) -> Result<Token, ApiError> {
         let result = self.request().await;
         match &result {
             Ok(token) => {
@@ -262,58 +234,11 @@ impl Inner {
         result
     }
 
-    async fn request(&self) -> Result<Token, FetchError> {
-        let url = format!("{}/oidc/v1/token", self.config.host.trim_end_matches('/'));
-        let fail = |reason: String, retry_after| FetchError {
-            reason,
-            retry_after,
-        };
-        let response = self
+    async fn request(&self) -> Result<Token, ApiError> {
+        let AccessToken { token, ttl } = self
             .client
-            .post(&url)
-            .timeout(FETCH_TIMEOUT)
-            .basic_auth(
-                &self.config.client_id,
-                Some(self.config.client_secret.expose_secret()),
-            )
-            .header(
-                http::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body("grant_type=client_credentials&scope=all-apis")
-            .send()
-            .await
-            .map_err(|err| {
-                let kind = if err.is_timeout() {
-                    "timed out"
-                } else {
-                    "cannot reach the token endpoint"
-                };
-                fail(format!("oidc/v1/token: {kind}"), None)
-            })?;
-        let status = response.status().as_u16();
-        let retry_after = retry_after(response.headers(), SystemTime::now());
-        let body = response
-            .bytes()
-            .await
-            .map_err(|_| fail("oidc/v1/token: reading the answer failed".to_owned(), None))?;
-        if !(200..300).contains(&status) {
-            let error: Option<OAuthErrorBody> = serde_json::from_slice(&body).ok();
-            let (error, description) = error
-                .map(|e| (e.error, e.error_description))
-                .unwrap_or_default();
-            return Err(fail(
-                format!("oidc/v1/token: {status} {error} {description}")
-                    .trim_end()
-                    .to_owned(),
-                retry_after,
-            ));
-        }
-        let answer: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|err| fail(format!("oidc/v1/token: unexpected answer: {err}"), None))?;
-        let ttl = answer.expires_in.map_or(DEFAULT_TTL, Duration::from_secs);
-        let token = Token::with_expiry(&answer.access_token, SystemTime::now() + ttl)
-            .map_err(|err| fail(format!("oidc/v1/token: unusable access token: {err}"), None))?;
+            .client_credentials(&self.config.client_id, &self.config.client_secret)
+            .await?;
         let now = Instant::now();
         *self.lock_schedule() = Some(Lifetime {
             ttl,

@@ -8,18 +8,47 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-/// Where the current token comes from, as `/health` names it.
+/// Where the current token comes from, as `/health` names it: the auth method, and for PATs
+/// whether this process rotates them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
 pub enum SourceKind {
-    /// Minted by the rotator in this process.
+    /// `pat-rotating`: minted by the rotator in this process.
+    #[serde(rename = "pat-rotating")]
     Rotator,
-    /// Read from the config file (follower mode, or a bootstrap token from the profile).
+    /// `pat-file`: read from the config file (follower mode, or a bootstrap token from the
+    /// profile).
+    #[serde(rename = "pat-file")]
     File,
-    /// OAuth M2M access token.
+    /// `oauth-m2m`: an OAuth M2M access token.
+    #[serde(rename = "oauth-m2m")]
     Oauth,
-    /// `DATABRICKS_TOKEN`.
+    /// `env`: `DATABRICKS_TOKEN`.
+    #[serde(rename = "env")]
     Env,
+    /// `databricks-cli`: a U2M token from `databricks auth token`.
+    #[serde(rename = "databricks-cli")]
+    DatabricksCli,
+    /// `env-oidc`: workload identity federation, the JWT from an environment variable.
+    #[serde(rename = "env-oidc")]
+    EnvOidc,
+    /// `file-oidc`: workload identity federation, the JWT from a file.
+    #[serde(rename = "file-oidc")]
+    FileOidc,
+}
+
+impl SourceKind {
+    /// The name `/health` gives it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Rotator => "pat-rotating",
+            Self::File => "pat-file",
+            Self::Oauth => "oauth-m2m",
+            Self::Env => "env",
+            Self::DatabricksCli => "databricks-cli",
+            Self::EnvOidc => "env-oidc",
+            Self::FileOidc => "file-oidc",
+        }
+    }
 }
 
 /// How close the token is to expiry, as `/health` names it.
@@ -62,6 +91,9 @@ pub struct TokenStatus {
     /// The token in use has not reached the config file, the state file or a sink: readers
     /// of those files still hold an older token, and a restart would not know this one.
     pub persist_failed: bool,
+    /// What a person must do before a token can be had again (`run: databricks auth login
+    /// ...`), set when a refresh failed for a reason no retry can cure.
+    pub action: Option<String>,
 }
 
 impl TokenStatus {
@@ -77,6 +109,7 @@ impl TokenStatus {
             rotating: false,
             lock_error: None,
             persist_failed: false,
+            action: None,
         }
     }
 
@@ -207,6 +240,23 @@ mod tests {
             assert_eq!(status.state_at(now), state, "case {i}");
             assert_eq!(status.expires_in_s(now), expires_in, "case {i}");
         }
+    }
+
+    #[test]
+    fn health_names_of_the_sources() {
+        for kind in [
+            SourceKind::Rotator,
+            SourceKind::File,
+            SourceKind::Oauth,
+            SourceKind::Env,
+            SourceKind::DatabricksCli,
+            SourceKind::EnvOidc,
+            SourceKind::FileOidc,
+        ] {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.name());
+        }
+        assert_eq!(SourceKind::Rotator.name(), "pat-rotating");
+        assert_eq!(SourceKind::File.name(), "pat-file");
     }
 
     #[test]

@@ -496,6 +496,67 @@ impl FakeWorkspace {
         });
     }
 
+    /// Starts a `databricks auth login` token family: `/oidc/v1/token` accepts
+    /// `grant_type=refresh_token` with the returned refresh token, once; each refresh answers a
+    /// new access token that lives `lifetime` and a new refresh token. Reusing a spent refresh
+    /// token revokes the family.
+    pub fn start_u2m(&self, lifetime: Duration) -> String {
+        let first = format!("dorf-{}", random_hex(16));
+        self.inner.lock().u2m = Some(U2mFamily {
+            current: first.clone(),
+            used: Vec::new(),
+            revoked: false,
+            lifetime,
+            stats: U2mStats::default(),
+        });
+        first
+    }
+
+    /// Revokes the U2M family, as an expired or revoked login: every refresh fails with
+    /// `invalid_grant` "Refresh token is invalid".
+    pub fn revoke_u2m(&self) {
+        if let Some(family) = &mut self.inner.lock().u2m {
+            family.revoked = true;
+        }
+    }
+
+    /// What the U2M refresh grant saw, and whether the family was revoked.
+    pub fn u2m_stats(&self) -> (U2mStats, bool) {
+        self.inner
+            .lock()
+            .u2m
+            .as_ref()
+            .map(|f| (f.stats.clone(), f.revoked))
+            .unwrap_or_default()
+    }
+
+    /// Accepts `jwt` (and no other) as the subject of the RFC 8693 token exchange at
+    /// `/oidc/v1/token`, with `client_id` when given, issuing access tokens that live
+    /// `lifetime`. Calling it again replaces the JWT: the old one is refused from then on.
+    pub fn set_federated_jwt(&self, jwt: &str, client_id: Option<&str>, lifetime: Duration) {
+        let mut state = self.inner.lock();
+        let (exchanges, refused) = state
+            .federation
+            .as_ref()
+            .map_or((0, 0), |f| (f.exchanges, f.refused));
+        state.federation = Some(Federation {
+            jwt: jwt.to_owned(),
+            client_id: client_id.map(str::to_owned),
+            lifetime,
+            exchanges,
+            refused,
+        });
+    }
+
+    /// Token exchanges answered with a token, and refused.
+    pub fn exchange_stats(&self) -> (u64, u64) {
+        self.inner
+            .lock()
+            .federation
+            .as_ref()
+            .map_or((0, 0), |f| (f.exchanges, f.refused))
+    }
+
     /// The next `n` `token/create` calls with a valid bearer answer `status` with a Databricks
     /// error body (added behind any faults already queued).
     pub fn fail_next_creates(&self, n: u32, status: u16) {
@@ -655,6 +716,10 @@ fn serve_on_own_runtime(
 fn router(inner: Arc<Inner>) -> Router {
     Router::new()
         .route("/oidc/v1/token", post(oauth_token))
+        .route(
+            "/oidc/.well-known/oauth-authorization-server",
+            get(oauth_discovery),
+        )
         .route("/api/2.0/token/create", post(token_create))
         .route("/api/2.0/token/delete", post(token_delete))
         .route("/api/2.0/token/list", get(token_list))
@@ -693,6 +758,40 @@ struct WorkspaceState {
     recorded: VecDeque<RecordedRequest>,
     attempts: VecDeque<ServingAttempt>,
     models: models::ModelState,
+    u2m: Option<U2mFamily>,
+    federation: Option<Federation>,
+}
+
+/// The refresh tokens of one `databricks auth login`: single use, rotated at each refresh. A
+/// refresh token presented a second time means two refreshes overlapped (or one was stolen):
+/// the whole family is revoked, as identity providers with refresh token rotation do.
+struct U2mFamily {
+    current: String,
+    used: Vec<String>,
+    revoked: bool,
+    lifetime: Duration,
+    stats: U2mStats,
+}
+
+/// What the U2M refresh grant saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct U2mStats {
+    /// Refreshes answered with a new access token.
+    pub refreshes: u64,
+    /// Refresh tokens presented after they had been used: overlapping refreshes.
+    pub reused: u64,
+    /// Refreshes refused (revoked family, unknown token).
+    pub refused: u64,
+}
+
+/// Workload identity federation: the one platform JWT currently accepted by the token
+/// exchange, and the life of the tokens it issues.
+struct Federation {
+    jwt: String,
+    client_id: Option<String>,
+    lifetime: Duration,
+    exchanges: u64,
+    refused: u64,
 }
 
 struct TokenRecord {
@@ -971,6 +1070,18 @@ impl WorkspaceState {
                 .find(|(name, _)| name == key)
                 .map(|(_, value)| value.as_str())
         };
+        match form_value("grant_type") {
+            Some("refresh_token") => return self.u2m_refresh(form_value("refresh_token")),
+            Some("urn:ietf:params:oauth:grant-type:token-exchange") => {
+                return self.token_exchange(
+                    form_value("subject_token_type"),
+                    form_value("subject_token"),
+                    form_value("client_id"),
+                    form_value("scope"),
+                );
+            }
+            _ => {}
+        }
         let credentials = basic_credentials(headers).or_else(|| {
             Some((
                 form_value("client_id")?.to_owned(),
@@ -1007,6 +1118,93 @@ impl WorkspaceState {
             "token_type": "Bearer",
             "expires_in": lifetime.as_secs(),
             "scope": scope,
+        }))
+        .into_response()
+    }
+
+    fn u2m_refresh(&mut self, presented: Option<&str>) -> Response {
+        let now = now_ms();
+        let Some(family) = &mut self.u2m else {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                "Refresh token is invalid",
+            );
+        };
+        let presented = presented.unwrap_or_default();
+        if family.used.iter().any(|used| used == presented) {
+            family.stats.reused += 1;
+            family.revoked = true;
+        }
+        if family.revoked || presented != family.current {
+            family.stats.refused += 1;
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                "Refresh token is invalid",
+            );
+        }
+        let next = format!("dorf-{}", random_hex(16));
+        family
+            .used
+            .push(std::mem::replace(&mut family.current, next.clone()));
+        family.stats.refreshes += 1;
+        let lifetime = family.lifetime;
+        let token = self.insert_token(
+            TokenKind::OAuth,
+            Some(saturating_ms(lifetime.as_millis())),
+            String::new(),
+            now,
+        );
+        Json(json!({
+            "access_token": token.value,
+            "token_type": "Bearer",
+            "expires_in": lifetime.as_secs(),
+            "refresh_token": next,
+        }))
+        .into_response()
+    }
+
+    fn token_exchange(
+        &mut self,
+        subject_type: Option<&str>,
+        subject: Option<&str>,
+        client_id: Option<&str>,
+        scope: Option<&str>,
+    ) -> Response {
+        let now = now_ms();
+        let Some(federation) = &mut self.federation else {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "No federation policy",
+            );
+        };
+        let accepted = subject_type == Some("urn:ietf:params:oauth:token-type:jwt")
+            && subject == Some(federation.jwt.as_str())
+            && scope == Some("all-apis")
+            && client_id == federation.client_id.as_deref();
+        if !accepted {
+            federation.refused += 1;
+            return oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "The subject token is not accepted by any federation policy",
+            );
+        }
+        federation.exchanges += 1;
+        let lifetime = federation.lifetime;
+        let token = self.insert_token(
+            TokenKind::OAuth,
+            Some(saturating_ms(lifetime.as_millis())),
+            String::new(),
+            now,
+        );
+        Json(json!({
+            "access_token": token.value,
+            "token_type": "Bearer",
+            "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "expires_in": lifetime.as_secs(),
         }))
         .into_response()
     }
@@ -1138,6 +1336,26 @@ async fn oauth_token(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: 
         state.stats.oauth_refused += 1;
     }
     response
+}
+
+/// The workspace's OAuth authorization server metadata (RFC 8414), as the SDKs read it.
+async fn oauth_discovery(headers: HeaderMap) -> Response {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    let base = format!("http://{host}/oidc");
+    Json(json!({
+        "issuer": base,
+        "authorization_endpoint": format!("{base}/v1/authorize"),
+        "token_endpoint": format!("{base}/v1/token"),
+        "grant_types_supported": [
+            "client_credentials",
+            "refresh_token",
+            "urn:ietf:params:oauth:grant-type:token-exchange"
+        ],
+    }))
+    .into_response()
 }
 
 async fn serving(

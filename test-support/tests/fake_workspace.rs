@@ -1014,3 +1014,110 @@ fn handle_is_shareable_across_threads() {
     fn assert_shareable<T: Clone + Send + Sync + 'static>() {}
     assert_shareable::<FakeWorkspace>();
 }
+
+async fn token_form(workspace: &FakeWorkspace, form: &[(&str, &str)]) -> (u16, Value) {
+    let body = form
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.replace(':', "%3A")))
+        .collect::<Vec<_>>()
+        .join("&");
+    let response = http_client()
+        .post(format!("{}/oidc/v1/token", workspace.url()))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    status_and_json(response).await
+}
+
+#[tokio::test]
+async fn u2m_refresh_tokens_are_single_use_and_reuse_revokes_the_family() {
+    let workspace = FakeWorkspace::start().await;
+    let first = workspace.start_u2m(Duration::from_secs(60));
+    let refresh = |token: String| {
+        let workspace = workspace.clone();
+        async move {
+            token_form(
+                &workspace,
+                &[("grant_type", "refresh_token"), ("refresh_token", &token)],
+            )
+            .await
+        }
+    };
+    let (status, answer) = refresh(first.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    let second = answer["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(second, first);
+    assert_eq!(
+        get_me(&workspace, answer["access_token"].as_str().unwrap())
+            .await
+            .0,
+        200
+    );
+
+    // The spent token again, as a refresh that overlapped the first would present it.
+    let (status, answer) = refresh(first).await;
+    assert_eq!(status, 400);
+    assert_eq!(answer["error"], "invalid_grant");
+    assert_eq!(answer["error_description"], "Refresh token is invalid");
+    // The family is gone: the newest refresh token no longer works either.
+    assert_eq!(refresh(second).await.0, 400);
+    let (stats, revoked) = workspace.u2m_stats();
+    assert!(revoked);
+    assert_eq!((stats.refreshes, stats.reused), (1, 1));
+}
+
+#[tokio::test]
+async fn token_exchange_takes_only_the_current_jwt_and_its_tokens_expire() {
+    let workspace = FakeWorkspace::start().await;
+    let discovery: Value = status_and_json(
+        http_client()
+            .get(format!(
+                "{}/oidc/.well-known/oauth-authorization-server",
+                workspace.url()
+            ))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .1;
+    let endpoint = format!("{}/oidc/v1/token", workspace.url());
+    assert_eq!(discovery["token_endpoint"], endpoint.as_str());
+
+    workspace.set_federated_jwt("jwt-one", Some("sp-1"), Duration::from_secs(1));
+    let exchange = |jwt: &'static str, client_id: &'static str| {
+        let workspace = workspace.clone();
+        async move {
+            token_form(
+                &workspace,
+                &[
+                    (
+                        "grant_type",
+                        "urn:ietf:params:oauth:grant-type:token-exchange",
+                    ),
+                    ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                    ("subject_token", jwt),
+                    ("scope", "all-apis"),
+                    ("client_id", client_id),
+                ],
+            )
+            .await
+        }
+    };
+    assert_eq!(exchange("jwt-one", "sp-2").await.0, 401, "another client");
+    let (status, issued) = exchange("jwt-one", "sp-1").await;
+    assert_eq!(status, 200, "{issued}");
+    assert_eq!(issued["expires_in"], 1);
+    let access = issued["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(get_me(&workspace, &access).await.0, 200);
+
+    workspace.set_federated_jwt("jwt-two", Some("sp-1"), Duration::from_secs(1));
+    assert_eq!(exchange("jwt-one", "sp-1").await.0, 401, "the replaced JWT");
+    assert_eq!(exchange("jwt-two", "sp-1").await.0, 200);
+    assert_eq!(workspace.exchange_stats(), (2, 2));
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get_me(&workspace, &access).await.0, 403, "expired");
+}

@@ -12,7 +12,6 @@ use crate::health::metrics::{Metrics, RotationResult};
 use crate::token::status::{Activity, SourceKind, StatusCell};
 
 use super::RotatorConfig;
-use super::api::{ApiError, Deleted, MintedToken, TokenApi};
 use super::lock::RotationLock;
 use super::persistence::{self, MintedRef, Users};
 use super::schedule::{
@@ -22,6 +21,9 @@ use super::schedule::{
 use super::sessions::SessionProbe;
 use super::sinks::{SinkOutcome, SinkPermissions};
 use super::state::{self, SavedRevoke, SavedState, SavedToken, fingerprint, from_ms, to_ms};
+use crate::databricks::ApiError;
+use crate::databricks::error::ErrorKind;
+use crate::databricks::token_api::{Deleted, MintedToken, TokenApi};
 
 /// Where the held token came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -760,8 +762,8 @@ impl Engine {
     async fn mint_failed(&mut self, err: ApiError, auth: &Token) {
         let now = SystemTime::now();
         let backoff = self.plan.backoff;
-        match &err {
-            ApiError::Transient { .. } => {
+        match err.kind() {
+            ErrorKind::Transient => {
                 let delay = backoff.delay(self.mint_attempts, fastrand::f64(), err.retry_after());
                 self.mint_attempts += 1;
                 self.retry_at = Some(now + delay);
@@ -773,7 +775,7 @@ impl Engine {
                     "minting a new token failed; retrying"
                 );
             }
-            ApiError::Refused { .. } => {
+            ErrorKind::Auth | ErrorKind::Permission => {
                 self.metrics.rotation(RotationResult::Refused);
                 match self.api.me(auth).await {
                     Ok(_) => {
@@ -785,7 +787,7 @@ impl Engine {
                             "token/create refused although the token is accepted: this user may not create tokens"
                         );
                     }
-                    Err(ApiError::Refused { .. }) => {
+                    Err(probe) if probe.is_refused() => {
                         if let Some(held) = &mut self.held {
                             held.dead = true;
                         }
@@ -810,7 +812,7 @@ impl Engine {
                     }
                 }
             }
-            ApiError::Invalid { .. } => {
+            ErrorKind::BadRequest => {
                 self.mint_attempts += 1;
                 self.retry_at = Some(now + backoff.cap);
                 self.metrics.rotation(RotationResult::Failed);

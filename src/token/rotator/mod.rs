@@ -8,7 +8,7 @@
 //!
 //! * [`schedule`]: the decision, a pure function of `now` ([`schedule::next_action`]).
 //! * [`persistence`]: which minted tokens to revoke when a new one cannot be saved, pure too.
-//! * [`api`]: the token API client, with errors classified for retries.
+//! * the token API client is [`crate::databricks::token_api`].
 //! * [`state`]: the state file that lets a restart resume; [`lock`]: one rotator per file.
 //! * [`sinks`]: `PAT_SINKS`; [`sessions`]: whether anyone is using the proxy.
 //!
@@ -57,7 +57,6 @@
 //! # }
 //! ```
 
-pub mod api;
 mod engine;
 pub mod lock;
 pub mod persistence;

@@ -1,8 +1,8 @@
-//! A small client for the Databricks token API and SCIM `Me`, built on reqwest.
+//! The Databricks token API and SCIM `Me`, built on reqwest.
 //!
 //! Every call is authenticated with a [`Token`] given by the caller and bounded in time. Errors
-//! are classified so that the rotator knows whether a retry can help; no error ever carries a
-//! token value or an `Authorization` header.
+//! are [`ApiError`]s, classified so that the rotator knows whether a retry can help; none ever
+//! carries a token value or an `Authorization` header.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,7 +11,8 @@ use fresh_token::Token;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::schedule::retry_after;
+use super::backoff::retry_after;
+use super::error::{ApiError, ErrorKind};
 
 /// How long one API call may take.
 pub const API_TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,56 +57,6 @@ pub enum Deleted {
     Revoked,
     /// The workspace does not know the id (already revoked or expired): nothing left to do.
     AlreadyGone,
-}
-
-/// Why an API call failed. The texts never include a token value.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// 401 or 403: the token used for the call is not accepted, or may not do this. Retrying
-    /// with the same token will not help.
-    #[error("{status} {code}: {message}")]
-    Refused {
-        /// HTTP status.
-        status: u16,
-        /// Databricks `error_code`.
-        code: String,
-        /// Databricks `message`.
-        message: String,
-    },
-    /// 429, 5xx, or no answer: worth a retry after a backoff.
-    #[error("{reason}")]
-    Transient {
-        /// HTTP status, when there was an answer.
-        status: Option<u16>,
-        /// The server's `Retry-After`, when given.
-        retry_after: Option<Duration>,
-        /// What went wrong.
-        reason: String,
-    },
-    /// Any other answer (400, an unexpected body): the request itself is wrong; a retry with
-    /// the same request will not help soon.
-    #[error("{reason}")]
-    Invalid {
-        /// HTTP status.
-        status: u16,
-        /// What went wrong.
-        reason: String,
-    },
-}
-
-impl ApiError {
-    /// Whether a retry after a backoff can help.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Transient { .. })
-    }
-
-    /// The delay the server asked for, if any.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            Self::Transient { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -190,10 +141,7 @@ impl TokenApi {
             Some(at) => Token::with_expiry(&response.token_value, at),
             None => Token::new(&response.token_value),
         }
-        .map_err(|err| ApiError::Invalid {
-            status: 200,
-            reason: format!("token/create returned an unusable token: {err}"),
-        })?;
+        .map_err(|err| ApiError::unexpected("token/create", format!("unusable token: {err}")))?;
         Ok(MintedToken {
             token,
             token_id: info.token_id,
@@ -210,7 +158,9 @@ impl TokenApi {
             .await
         {
             Ok(_) => Ok(Deleted::Revoked),
-            Err(ApiError::Invalid { status: 404, .. }) => Ok(Deleted::AlreadyGone),
+            Err(err) if err.kind() == ErrorKind::BadRequest && err.status() == Some(404) => {
+                Ok(Deleted::AlreadyGone)
+            }
             Err(err) => Err(err),
         }
     }
@@ -256,45 +206,28 @@ impl TokenApi {
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .body(body.to_string());
         }
-        let response = request.send().await.map_err(|err| ApiError::Transient {
-            status: None,
-            retry_after: None,
-            reason: format!("{path}: {}", describe(&err)),
-        })?;
+        let response = request
+            .send()
+            .await
+            .map_err(|err| ApiError::transport(path, &err))?;
         let status = response.status().as_u16();
         let retry_after = retry_after(response.headers(), SystemTime::now());
-        let bytes = response.bytes().await.map_err(|err| ApiError::Transient {
-            status: Some(status),
-            retry_after,
-            reason: format!("{path}: reading the answer: {}", describe(&err)),
-        })?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|err| ApiError::transport(path, &err))?;
         if (200..300).contains(&status) {
             return Ok(bytes);
         }
         let error: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
-        let (code, message) = error
-            .map(|e| (e.error_code, truncate(&e.message, 200)))
-            .unwrap_or_default();
-        Err(match status {
-            401 | 403 => ApiError::Refused {
-                status,
-                code,
-                message,
-            },
-            429 | 500..=599 => ApiError::Transient {
-                status: Some(status),
-                retry_after,
-                reason: format!("{path}: {status} {code} {message}")
-                    .trim_end()
-                    .to_owned(),
-            },
-            _ => ApiError::Invalid {
-                status,
-                reason: format!("{path}: {status} {code} {message}")
-                    .trim_end()
-                    .to_owned(),
-            },
-        })
+        let (code, message) = error.map(|e| (e.error_code, e.message)).unwrap_or_default();
+        Err(ApiError::from_status(
+            path,
+            status,
+            &code,
+            &message,
+            retry_after,
+        ))
     }
 }
 
@@ -307,33 +240,8 @@ impl fmt::Debug for TokenApi {
 }
 
 fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|err| ApiError::Invalid {
-        status: 200,
-        // serde_json errors name a position and an expectation, never the input text.
-        reason: format!("{what}: unexpected answer: {err}"),
-    })
-}
-
-/// A reqwest error without its source chain's noise: kind and URL (which holds no secret).
-fn describe(err: &reqwest::Error) -> String {
-    let kind = if err.is_timeout() {
-        "timed out"
-    } else if err.is_connect() {
-        "cannot connect"
-    } else {
-        "request failed"
-    };
-    match err.url() {
-        Some(url) => format!("{kind} ({})", url.path()),
-        None => kind.to_owned(),
-    }
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((at, _)) => format!("{}…", &text[..at]),
-        None => text.to_owned(),
-    }
+    // serde_json errors name a position and an expectation, never the input text.
+    serde_json::from_slice(bytes).map_err(|err| ApiError::unexpected(what, err))
 }
 
 #[cfg(test)]
@@ -348,11 +256,5 @@ mod tests {
             from_millis(1_500),
             Some(UNIX_EPOCH + Duration::from_millis(1_500))
         );
-    }
-
-    #[test]
-    fn truncate_keeps_short_texts() {
-        assert_eq!(truncate("abc", 5), "abc");
-        assert_eq!(truncate("abcdef", 3), "abc…");
     }
 }
