@@ -415,6 +415,8 @@ async fn with_few_open_files_and_many_idle_connections_the_rotation_still_writes
         .arg(env!("CARGO_BIN_EXE_fresh-proxy"))
         .env("HOME", home.path())
         .env("DATABRICKS_TOKEN", &pat.value)
+        // The host is in the profile: name it, as the SDKs' precedence asks.
+        .env("DATABRICKS_CONFIG_PROFILE", "DEFAULT")
         .env("PAT_TOKEN_LIFETIME", "60")
         .env("PAT_ROTATION_INTERVAL", "2")
         .env("PAT_REVOKE_GRACE", "1")

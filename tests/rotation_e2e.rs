@@ -259,6 +259,8 @@ async fn two_instances_one_rotates_and_the_other_takes_over() {
 
     assert_eq!(health(&a.url()).await["token"]["rotating"], true);
     assert_eq!(health(&b.url()).await["token"]["rotating"], false);
+    assert_eq!(health(&a.url()).await["token"]["role"], "rotator");
+    assert_eq!(health(&b.url()).await["token"]["role"], "follower");
 
     // The follower serves with the leader's tokens through rotations.
     let load = Load::start(&b.url(), 2);

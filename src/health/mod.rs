@@ -72,6 +72,7 @@ pub(crate) async fn health(State(app): State<HealthState>) -> Json<serde_json::V
             "last_rotation": rfc3339(status.last_rotation),
             "rotations": status.rotations,
             "rotating": status.rotating,
+            "role": status.role(),
             "persist_failed": status.persist_failed,
             "lock_error": status.lock_error,
             "action": status.action,

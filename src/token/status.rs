@@ -113,6 +113,21 @@ impl TokenStatus {
         }
     }
 
+    /// `/health`'s `token.role`: `rotator` when this process obtains its tokens itself (it
+    /// holds the rotation lock, or refreshes an OAuth, CLI or federated token), `follower` when
+    /// it serves a token that another process or a person puts in the config file or the
+    /// environment.
+    pub fn role(&self) -> &'static str {
+        match self.source {
+            SourceKind::Rotator if self.rotating => "rotator",
+            SourceKind::Rotator | SourceKind::File | SourceKind::Env => "follower",
+            SourceKind::Oauth
+            | SourceKind::DatabricksCli
+            | SourceKind::EnvOidc
+            | SourceKind::FileOidc => "rotator",
+        }
+    }
+
     /// Whether something needs a person although the token itself may be fine: the lock file
     /// cannot be opened, or new tokens cannot be saved.
     pub fn files_failing(&self) -> bool {
@@ -256,6 +271,24 @@ mod tests {
             assert_eq!(serde_json::to_value(kind).unwrap(), kind.name());
         }
         assert_eq!(SourceKind::Rotator.name(), "pat-rotating");
+        let mut status = TokenStatus::new(SourceKind::Rotator);
+        assert_eq!(
+            status.role(),
+            "follower",
+            "a rotator without the lock follows"
+        );
+        status.rotating = true;
+        assert_eq!(status.role(), "rotator");
+        for (kind, role) in [
+            (SourceKind::File, "follower"),
+            (SourceKind::Env, "follower"),
+            (SourceKind::Oauth, "rotator"),
+            (SourceKind::DatabricksCli, "rotator"),
+            (SourceKind::EnvOidc, "rotator"),
+            (SourceKind::FileOidc, "rotator"),
+        ] {
+            assert_eq!(TokenStatus::new(kind).role(), role, "{kind:?}");
+        }
         assert_eq!(SourceKind::File.name(), "pat-file");
     }
 
