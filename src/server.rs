@@ -12,8 +12,8 @@
 //! The listening socket stays a single, exclusively bound socket (no `SO_REUSEPORT`), so a
 //! second proxy started on the same port still fails with "address in use".
 //!
-//! Every connection is held to deadlines ([`deadlines`]) and counted against
-//! `PROXY_MAX_CONNECTIONS` with a reserve for health checks ([`limit`]): a client that opens
+//! Every connection is held to deadlines (`deadlines.rs`) and counted against
+//! `PROXY_MAX_CONNECTIONS` with a reserve for health checks (`limit.rs`): a client that opens
 //! connections and sends nothing, or sends slowly, cannot take the proxy's file descriptors.
 
 mod deadlines;

@@ -98,7 +98,7 @@ pub(crate) async fn ready(State(app): State<HealthState>) -> Response {
     // A failure no retry can cure says what a person must run.
     let reason = match &status.action {
         Some(action) => format!("{reason}: {action}"),
-        None => reason.to_owned(),
+        None => reason,
     };
     (
         StatusCode::SERVICE_UNAVAILABLE,

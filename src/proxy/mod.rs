@@ -7,9 +7,9 @@
 //! unknown length that is not JSON is streamed through a size limit instead and is never
 //! replayed: its 401 or 403 goes to the client as it is.
 //!
-//! Buffered bodies take their size from `PROXY_BODY_BUDGET` while they live ([`body_budget`]).
+//! Buffered bodies take their size from `PROXY_BODY_BUDGET` while they live (`body_budget.rs`).
 //! An upstream 429 starts a cooldown of its endpoint that every request to it waits out, and a
-//! replayable request is sent again after it, within `PROXY_RATE_LIMIT_WAIT` ([`rate_limit`]).
+//! replayable request is sent again after it, within `PROXY_RATE_LIMIT_WAIT` (`rate_limit.rs`).
 
 mod agent;
 mod body_budget;
