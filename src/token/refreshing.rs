@@ -1,5 +1,5 @@
 //! A token that some [`Fetch`] obtains and that is refreshed ahead of its expiry: the shared
-//! machinery of the `databricks-cli` and workload identity methods.
+//! machinery of the OAuth M2M, `databricks-cli` and workload identity methods.
 //!
 //! One fetch at a time in the process (single flight: callers that arrive during a fetch get
 //! its result), a refresh once `min(TTL / 2, 20 min)` of a token's life remains as the SDKs do
@@ -21,8 +21,30 @@ use tokio_util::sync::CancellationToken;
 use crate::databricks::backoff::Backoff;
 use crate::databricks::{ApiError, ErrorKind};
 use crate::health::metrics::{Metrics, RotationResult};
-use crate::token::oauth::{REJECTION_FETCH_INTERVAL, fetch_backoff, refresh_lead};
 use crate::token::status::{SourceKind, StatusCell};
+
+/// After a fetch made because upstream rejected a token, no other such fetch for this long. If
+/// the token just fetched is rejected too, the cause is not its age (a 403 for a permission,
+/// say), and a fetch per rejected request would only load the identity provider; if that fetch
+/// failed, the background task retries with backoff.
+pub const REJECTION_FETCH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The longest lead: a token is refreshed at the latest this long before it expires.
+pub const MAX_REFRESH_LEAD: Duration = Duration::from_secs(20 * 60);
+
+/// How long before expiry a token of lifetime `ttl` is refreshed: `min(ttl / 2, 20 min)`.
+pub fn refresh_lead(ttl: Duration) -> Duration {
+    (ttl / 2).min(MAX_REFRESH_LEAD)
+}
+
+/// The delays between failed fetches, scaled to the token lifetime so that several retries
+/// fit in the time a refresh has before expiry.
+pub fn fetch_backoff(ttl: Duration) -> Backoff {
+    Backoff {
+        base: (ttl / 64).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        cap: (ttl / 8).clamp(Duration::from_millis(10), Duration::from_secs(60)),
+    }
+}
 
 /// A token just obtained.
 #[derive(Clone, Debug)]
@@ -183,6 +205,14 @@ impl<F: Fetch> Inner<F> {
         self.schedule.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The rotation results this source counts: OAuth M2M keeps the names it always had.
+    fn results(&self) -> (RotationResult, RotationResult) {
+        match self.kind {
+            SourceKind::Oauth => (RotationResult::OauthOk, RotationResult::OauthFailed),
+            _ => (RotationResult::RefreshOk, RotationResult::RefreshFailed),
+        }
+    }
+
     fn current(&self) -> Option<Token> {
         self.shared
             .current()
@@ -198,7 +228,7 @@ impl<F: Fetch> Inner<F> {
                 let ttl = expiry.duration_since(now).unwrap_or_default();
                 *self.lock_schedule() = Some((refresh_due(expiry, ttl), ttl));
                 self.shared.publish(token.clone());
-                self.metrics.rotation(RotationResult::RefreshOk);
+                self.metrics.rotation(self.results().0);
                 let had_action = self.status.get().action.is_some();
                 self.status.update(|s| {
                     s.present = true;
@@ -219,7 +249,7 @@ impl<F: Fetch> Inner<F> {
                 Ok(token)
             }
             Err(err) => {
-                self.metrics.rotation(RotationResult::RefreshFailed);
+                self.metrics.rotation(self.results().1);
                 if err.kind() == ErrorKind::Auth {
                     let action = self.fetcher.action();
                     let first = self.status.get().action.is_none();
