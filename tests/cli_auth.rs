@@ -186,14 +186,7 @@ async fn two_proxies_on_one_profile_never_refresh_at_once() {
         .unwrap();
     let health = json(health).await;
     assert_eq!(health["token"]["source"], "databricks-cli");
-    let metrics = http_client()
-        .get(format!("{}/metrics", a.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::get_text(format!("{}/metrics", a.url())).await;
     let refreshed = metrics
         .lines()
         .find(|l| l.starts_with("fresh_proxy_rotations_total{result=\"refresh_ok\"}"))

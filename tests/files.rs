@@ -303,14 +303,7 @@ async fn a_read_only_config_directory_pauses_minting_and_reports_persist_failed(
     assert!((1..=2).contains(&most_live), "{most_live} live tokens");
     // The token the config file's readers hold stays alive.
     assert!(ws.is_live(&bootstrap.value));
-    let metrics = http_client()
-        .get(format!("{}/metrics", proxy.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::get_text(format!("{}/metrics", proxy.url())).await;
     let failures: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("fresh_proxy_persist_failures_total "))

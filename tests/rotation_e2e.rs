@@ -50,14 +50,7 @@ async fn start(cmd: std::process::Command) -> ProxyProcess {
 }
 
 async fn health(url: &str) -> Value {
-    let text = http_client()
-        .get(format!("{url}/health"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::get_text(format!("{url}/health")).await;
     serde_json::from_str(&text).unwrap()
 }
 

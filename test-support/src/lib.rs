@@ -30,6 +30,18 @@ pub fn http_client() -> reqwest::Client {
         .expect("build a reqwest client")
 }
 
+/// The body of `GET url` as text, with [`http_client`]; panics if the request fails.
+pub async fn get_text(url: impl reqwest::IntoUrl) -> String {
+    http_client()
+        .get(url)
+        .send()
+        .await
+        .expect("send a GET")
+        .text()
+        .await
+        .expect("read the answer")
+}
+
 /// `RequestBuilder::json` for reqwest built without its `json` feature.
 pub trait JsonBody {
     /// Sends `body` as `application/json`.
