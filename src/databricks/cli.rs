@@ -249,13 +249,69 @@ pub async fn run(call: &str, cmd: &[String], timeout: Duration) -> Result<Vec<u8
     Err(ApiError::new(
         kind,
         call,
-        format!("{}: {}", output.status, truncate(&said, 300)),
+        format!(
+            "{}: {}",
+            output.status,
+            truncate(&redact_credentials(&said), 300)
+        ),
     ))
+}
+
+/// `text` with anything that may be a credential replaced: a JWT (`eyJ...`), and any run of 32
+/// or more letters, digits, `-` and `_` (PATs, refresh and access tokens). The CLI's error
+/// output is not ours, and it ends up in errors and logs, which must never hold a token.
+pub fn redact_credentials(text: &str) -> String {
+    const LONGEST_KEPT: usize = 31;
+    let is_token_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(is_token_char) {
+        out.push_str(&rest[..start]);
+        rest = &rest[start..];
+        let jwt = rest.starts_with("eyJ");
+        let end = rest
+            .find(|c: char| !(is_token_char(c) || (jwt && c == '.')))
+            .unwrap_or(rest.len());
+        let run = &rest[..end];
+        if jwt || run.len() > LONGEST_KEPT {
+            out.push_str("[redacted]");
+        } else {
+            out.push_str(run);
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_the_clis_output_are_redacted() {
+        let cases = [
+            (
+                "Error: refresh token dose0123456789abcdef0123456789abcdef is invalid",
+                "Error: refresh token [redacted] is invalid",
+            ),
+            (
+                "bad jwt eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl: rejected",
+                "bad jwt [redacted]: rejected",
+            ),
+            (
+                "cannot reach https://adb-1234567890123456.7.azuredatabricks.net: timeout",
+                "cannot reach https://adb-1234567890123456.7.azuredatabricks.net: timeout",
+            ),
+            (
+                "run databricks auth login --profile dev",
+                "run databricks auth login --profile dev",
+            ),
+        ];
+        for (said, shown) in cases {
+            assert_eq!(redact_credentials(said), shown, "{said}");
+        }
+    }
 
     fn at(secs: u64, nanos: u32) -> Option<SystemTime> {
         Some(UNIX_EPOCH + Duration::new(secs, nanos))
