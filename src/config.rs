@@ -16,6 +16,8 @@ use crate::token::precedence::{
     TOKEN,
 };
 use crate::token::rotator::IdlePolicy;
+use crate::token::rotator::coordination::Backend;
+use crate::token::rotator::etcd::EtcdSettings;
 
 mod clients;
 pub use clients::{CLIENT_KEY_VAR, ClientArgs, ClientSettings, client_key_from_env};
@@ -141,6 +143,9 @@ pub struct Cli {
     /// Revoke the bootstrap PAT once a minted one replaces it, where it can be identified safely
     #[arg(long, env = "PAT_REVOKE_BOOTSTRAP", value_parser = parse_flag, action = clap::ArgAction::Set, default_value = "0", value_name = "0|1")]
     pub pat_revoke_bootstrap: bool,
+    /// Fleet coordination (`PAT_COORDINATION`, `PAT_ETCD_*`).
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// Log line format
     #[arg(long, env = "PROXY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -159,6 +164,153 @@ pub struct Cli {
     /// `inject`: ask for usage on streamed chat requests that did not, where the model accepts it
     #[arg(long, env = "PROXY_STREAM_USAGE", value_enum, default_value = "keep")]
     pub proxy_stream_usage: StreamUsage,
+}
+
+/// Who rotates: `PAT_COORDINATION` and the etcd settings. `PAT_ETCD_PASSWORD` is read from the
+/// environment only.
+#[derive(Clone, Debug, clap::Args)]
+pub struct FleetArgs {
+    /// `file`: one rotator per config file on this host; `etcd`: one rotator for a fleet of hosts
+    #[arg(long, env = "PAT_COORDINATION", value_enum, default_value = "file")]
+    pub pat_coordination: Backend,
+    /// Comma-separated etcd URLs (`http://` or `https://`), for `PAT_COORDINATION=etcd`
+    #[arg(long, env = "PAT_ETCD_ENDPOINTS", value_name = "URLS")]
+    pub pat_etcd_endpoints: Option<String>,
+    /// Key prefix of the fleet in etcd [default: fresh-proxy/{host}/{user}]
+    #[arg(long, env = "PAT_ETCD_PREFIX", value_name = "PREFIX")]
+    pub pat_etcd_prefix: Option<String>,
+    /// Seconds of the rotator's etcd lease: a rotator that dies is replaced within this
+    #[arg(
+        long,
+        env = "PAT_ETCD_LEASE_TTL",
+        default_value_t = 10,
+        value_name = "SECONDS"
+    )]
+    pub pat_etcd_lease_ttl: u64,
+    /// CA certificate (PEM) that signed etcd's server certificates
+    #[arg(long, env = "PAT_ETCD_CA", value_name = "PATH")]
+    pub pat_etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd, with `PAT_ETCD_KEY`
+    #[arg(long, env = "PAT_ETCD_CERT", value_name = "PATH")]
+    pub pat_etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd, with `PAT_ETCD_CERT`
+    #[arg(long, env = "PAT_ETCD_KEY", value_name = "PATH")]
+    pub pat_etcd_key: Option<PathBuf>,
+    /// etcd user, with the password in `PAT_ETCD_PASSWORD`
+    #[arg(long, env = "PAT_ETCD_USER", value_name = "NAME")]
+    pub pat_etcd_user: Option<String>,
+}
+
+impl FleetArgs {
+    /// The etcd settings for `PAT_COORDINATION=etcd`, checked; `None` for `file`.
+    fn settings(
+        &self,
+        env: &crate::token::precedence::Environment,
+        home: Option<&std::path::Path>,
+    ) -> Result<Option<EtcdSettings>, ConfigError> {
+        if self.pat_coordination == Backend::File {
+            return Ok(None);
+        }
+        let endpoints: Vec<String> = self
+            .pat_etcd_endpoints
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if endpoints.is_empty() {
+            return Err(ConfigError::var(
+                "PAT_ETCD_ENDPOINTS",
+                "PAT_COORDINATION=etcd needs the etcd URLs, e.g. http://127.0.0.1:2379",
+            ));
+        }
+        for endpoint in &endpoints {
+            match Url::parse(endpoint) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => {
+                    return Err(ConfigError::var(
+                        "PAT_ETCD_ENDPOINTS",
+                        format!("{endpoint:?} is not an http:// or https:// URL"),
+                    ));
+                }
+            }
+        }
+        if self.pat_etcd_lease_ttl < 2 {
+            return Err(ConfigError::var(
+                "PAT_ETCD_LEASE_TTL",
+                "must be at least 2 seconds (the lease is renewed every third of it)",
+            ));
+        }
+        let file = |var: &str, path: &Option<PathBuf>| -> Result<Option<PathBuf>, ConfigError> {
+            let Some(path) = path else { return Ok(None) };
+            let path = expand_home(path, home);
+            std::fs::metadata(&path)
+                .map_err(|err| ConfigError::var(var, format!("{}: {err}", path.display())))?;
+            Ok(Some(path))
+        };
+        let ca = file("PAT_ETCD_CA", &self.pat_etcd_ca)?;
+        let identity = match (
+            file("PAT_ETCD_CERT", &self.pat_etcd_cert)?,
+            file("PAT_ETCD_KEY", &self.pat_etcd_key)?,
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::var(
+                    "PAT_ETCD_KEY",
+                    "PAT_ETCD_CERT needs its key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::var(
+                    "PAT_ETCD_CERT",
+                    "PAT_ETCD_KEY needs its certificate",
+                ));
+            }
+        };
+        if (ca.is_some() || identity.is_some())
+            && endpoints.iter().any(|e| e.starts_with("http://"))
+        {
+            return Err(ConfigError::var(
+                "PAT_ETCD_ENDPOINTS",
+                "TLS settings need https:// URLs",
+            ));
+        }
+        let user = match (&self.pat_etcd_user, env.get("PAT_ETCD_PASSWORD")) {
+            (Some(user), Some(password)) => Some((
+                user.clone(),
+                Token::new(password).map_err(|err| ConfigError::var("PAT_ETCD_PASSWORD", err))?,
+            )),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::var(
+                    "PAT_ETCD_PASSWORD",
+                    "PAT_ETCD_USER needs its password",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::var(
+                    "PAT_ETCD_USER",
+                    "PAT_ETCD_PASSWORD is set without a user",
+                ));
+            }
+        };
+        Ok(Some(EtcdSettings {
+            endpoints,
+            prefix: self
+                .pat_etcd_prefix
+                .as_deref()
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned),
+            lease_ttl: Duration::from_secs(self.pat_etcd_lease_ttl),
+            ca,
+            identity,
+            user,
+        }))
+    }
 }
 
 /// `PROXY_STREAM_USAGE` values.
@@ -385,6 +537,8 @@ pub struct RotationSettings {
     pub sinks: Option<String>,
     /// `PAT_REVOKE_BOOTSTRAP`.
     pub revoke_bootstrap: bool,
+    /// `PAT_COORDINATION=etcd` and its settings; `None`: the lock file.
+    pub etcd: Option<EtcdSettings>,
 }
 
 /// Validated configuration.
@@ -618,6 +772,13 @@ impl Config {
         }
 
         let routing = RoutingSettings::load(cli, &host, home.as_deref())?;
+        let etcd = cli.fleet.settings(&secrets.env, home.as_deref())?;
+        if etcd.is_some() && !matches!(token_mode, TokenMode::Rotate { .. }) {
+            return Err(ConfigError::var(
+                "PAT_COORDINATION",
+                "etcd elects the PAT rotator of a fleet; this configuration does not rotate PATs (check DATABRICKS_AUTH_TYPE and PAT_ROTATION)",
+            ));
+        }
 
         Ok(Self {
             routing,
@@ -642,6 +803,7 @@ impl Config {
                 comment: cli.pat_comment.clone(),
                 sinks: cli.pat_sinks.clone().filter(|s| !s.trim().is_empty()),
                 revoke_bootstrap: cli.pat_revoke_bootstrap,
+                etcd,
             },
             log_format: cli.log_format,
             clients: ClientSettings::from_args(&cli.clients)?,

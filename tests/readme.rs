@@ -16,16 +16,18 @@ const RUN_COMMAND: &str = "DATABRICKS_HOST=https://<workspace>.cloud.databricks.
 /// The command that tests it, which must be the README's first line starting with `cargo test`.
 const TEST_COMMAND: &str = "cargo test --workspace";
 /// Variables read from the environment only: the secrets.
-const ENVIRONMENT_ONLY: [&str; 3] = [
+const ENVIRONMENT_ONLY: [&str; 4] = [
     "DATABRICKS_TOKEN",
     "DATABRICKS_CLIENT_SECRET",
     "PROXY_CLIENT_KEY",
+    "PAT_ETCD_PASSWORD",
 ];
 /// Variables that hold secrets and so must never have a flag.
-const SECRETS: [&str; 3] = [
+const SECRETS: [&str; 4] = [
     "DATABRICKS_TOKEN",
     "DATABRICKS_CLIENT_SECRET",
     "PROXY_CLIENT_KEY",
+    "PAT_ETCD_PASSWORD",
 ];
 /// The pages in `docs/` that these tests check; the others have their own owners.
 const CHECKED_DOCS: [&str; 4] = [

@@ -73,6 +73,8 @@ pub(crate) async fn health(State(app): State<HealthState>) -> Json<serde_json::V
             "rotations": status.rotations,
             "rotating": status.rotating,
             "role": status.role(),
+            "coordination": status.coordination.name(),
+            "coordination_error": status.coordination_error,
             "persist_failed": status.persist_failed,
             "lock_error": status.lock_error,
             "action": status.action,

@@ -22,12 +22,15 @@ use crate::config::SubjectToken;
 use crate::config::{Config, ConfigError, TokenMode};
 use crate::databricks::cli::CliTarget;
 use crate::databricks::oidc::OidcClient;
+use crate::databricks::token_api::TokenApi;
 use crate::health::metrics::Metrics;
 use crate::token::cli::CliFetcher;
 use crate::token::follower::FileFollower;
 use crate::token::oauth::{OAuthConfig, OAuthSource};
 use crate::token::oidc::OidcFetcher;
 use crate::token::refreshing::{Fetch, RefreshingSource};
+use crate::token::rotator::coordination::Coordination;
+use crate::token::rotator::etcd::{EtcdCoordination, Prefix, member_name};
 use crate::token::rotator::{Rotator, RotatorConfig, parse_sinks};
 use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 
@@ -128,13 +131,26 @@ impl TokenSetup {
                     revoke_bootstrap: settings.revoke_bootstrap,
                 };
                 let status = StatusCell::new(TokenStatus::new(SourceKind::Rotator));
-                let rotator = Rotator::new(
+                let coordination = settings.etcd.clone().map(|etcd| {
+                    let prefix = match &etcd.prefix {
+                        Some(prefix) => Prefix::Fixed(prefix.clone()),
+                        None => Prefix::Lookup {
+                            api: TokenApi::new(client.clone(), &rotator_config.host),
+                            host: rotator_config.host.clone(),
+                            token: starting_token(config, env_token.as_ref()),
+                        },
+                    };
+                    Box::new(EtcdCoordination::new(etcd, member_name(), prefix))
+                        as Box<dyn Coordination>
+                });
+                let rotator = Rotator::coordinated(
                     rotator_config,
                     client,
                     env_token.clone(),
                     status.clone(),
                     metrics.clone(),
                     activity.clone(),
+                    coordination,
                 )
                 .map_err(|err| ConfigError::var("DATABRICKS_CONFIG_FILE", err))?;
                 Ok(Self {
@@ -198,4 +214,16 @@ impl TokenSetup {
             task(cancel).await;
         }
     }
+}
+
+/// The token a fleet member starts with, to find its user for the default etcd prefix: the
+/// config file's, else `DATABRICKS_TOKEN`.
+fn starting_token(
+    config: &Config,
+    env_token: Option<&fresh_token::Token>,
+) -> Option<fresh_token::Token> {
+    fresh_token::databrickscfg::read_profile(&config.config_file, &config.profile)
+        .ok()
+        .and_then(|profile| profile.token)
+        .or_else(|| env_token.cloned())
 }

@@ -88,6 +88,11 @@ pub struct TokenStatus {
     /// Why the rotation lock file cannot be opened, while it cannot: this process could not
     /// take over rotation if the holder stopped. A path and an OS error, never a secret.
     pub lock_error: Option<String>,
+    /// `PAT_COORDINATION`: what elects the rotator.
+    pub coordination: crate::token::rotator::coordination::Backend,
+    /// Why the coordination backend (etcd) cannot be reached, while it cannot: this process
+    /// serves its current token but neither rotates nor learns new tokens.
+    pub coordination_error: Option<String>,
     /// The token in use has not reached the config file, the state file or a sink: readers
     /// of those files still hold an older token, and a restart would not know this one.
     pub persist_failed: bool,
@@ -108,6 +113,8 @@ impl TokenStatus {
             rotations: 0,
             rotating: false,
             lock_error: None,
+            coordination: crate::token::rotator::coordination::Backend::File,
+            coordination_error: None,
             persist_failed: false,
             action: None,
         }
@@ -131,7 +138,7 @@ impl TokenStatus {
     /// Whether something needs a person although the token itself may be fine: the lock file
     /// cannot be opened, or new tokens cannot be saved.
     pub fn files_failing(&self) -> bool {
-        self.lock_error.is_some() || self.persist_failed
+        self.lock_error.is_some() || self.persist_failed || self.coordination_error.is_some()
     }
 
     /// The state at `now`.

@@ -12,7 +12,8 @@ use crate::health::metrics::{Metrics, RotationResult};
 use crate::token::status::{Activity, SourceKind, StatusCell};
 
 use super::RotatorConfig;
-use super::lock::RotationLock;
+use super::coordination::{Backend, Coordination, PublishError, TokenRecord};
+use super::decisions::{self, HeldView, MintFailure, Probe, Reaction, Start, StartInputs};
 use super::persistence::{self, MintedRef, Users};
 use super::schedule::{
     Action, HeldToken, PendingRevoke, RotationPlan, ScheduleState, Sessions, next_action,
@@ -68,7 +69,14 @@ pub(super) struct Engine {
     env_token: Option<Token>,
     state_path: PathBuf,
     lock_path: PathBuf,
-    lock: Option<RotationLock>,
+    /// Who rotates: the lock next to the config file, or etcd.
+    coordination: Box<dyn Coordination>,
+    /// Whether this member leads (holds the lock, or the etcd lease).
+    leading: bool,
+    /// The clock every decision reads; tests set their own.
+    clock: Clock,
+    /// This member's name in the group's records.
+    member: String,
     held: Option<Held>,
     revokes: Vec<PendingRevoke>,
     revoke_attempts: HashMap<String, u32>,
@@ -93,7 +101,11 @@ impl Engine {
         status: StatusCell,
         metrics: Metrics,
         activity: Activity,
+        coordination: Option<Box<dyn Coordination>>,
     ) -> Result<Self, LockError> {
+        let lock_path = state::lock_path(&config.config_file);
+        let coordination = coordination
+            .unwrap_or_else(|| Box::new(super::coordination::FileCoordination::new(&lock_path)));
         let plan = RotationPlan::new(config.lifetime, config.interval, config.idle_policy);
         let probe = match &config.sessions_url {
             Some(url) => SessionProbe::Url {
@@ -115,8 +127,11 @@ impl Engine {
             metrics,
             env_token,
             state_path: state::state_path(&config.config_file),
-            lock_path: state::lock_path(&config.config_file),
-            lock: None,
+            lock_path,
+            member: coordination.member().to_owned(),
+            coordination,
+            leading: false,
+            clock: system_clock,
             held: None,
             revokes: Vec::new(),
             revoke_attempts: HashMap::new(),
@@ -132,7 +147,10 @@ impl Engine {
             plan,
             config,
         };
-        let now = SystemTime::now();
+        let now = engine.now();
+        engine
+            .status
+            .update(|s| s.coordination = engine.coordination.backend());
         let locked = engine.try_lock().map_err(|source| LockError {
             path: engine.lock_path.clone(),
             source,
@@ -144,17 +162,22 @@ impl Engine {
     }
 
     pub(super) fn is_rotating(&self) -> bool {
-        self.lock.is_some()
+        self.leading
+    }
+
+    fn now(&self) -> SystemTime {
+        (self.clock)()
     }
 
     pub(super) async fn run(mut self, cancel: CancellationToken) {
+        self.coordination.start(cancel.child_token());
         if self.is_rotating() {
             tracing::info!(
                 config_file = %self.config.config_file.display(),
                 profile = %self.config.profile,
                 "rotating the token: this process holds the rotation lock"
             );
-        } else {
+        } else if self.coordination.backend() == Backend::File {
             tracing::info!(
                 config_file = %self.config.config_file.display(),
                 lock = %self.lock_path.display(),
@@ -162,13 +185,23 @@ impl Engine {
             );
         }
         while !cancel.is_cancelled() {
-            let now = SystemTime::now();
+            let now = self.now();
+            self.report_coordination();
+            if self.is_rotating() && !self.still_leads() {
+                tracing::warn!(
+                    coordination = self.coordination.backend().name(),
+                    "no longer the rotator: another member may rotate now; serving the current token"
+                );
+                self.leading = false;
+                self.update_status();
+            }
             if !self.is_rotating() {
                 self.follow(now);
                 if self.poll_lock() {
                     tracing::info!(
                         config_file = %self.config.config_file.display(),
-                        "took over rotation: the previous holder of the lock is gone"
+                        coordination = self.coordination.backend().name(),
+                        "took over rotation: no one else rotates the token"
                     );
                     continue;
                 }
@@ -221,19 +254,38 @@ impl Engine {
                 }
             }
         }
+        if self.leading {
+            self.coordination.resign().await;
+        }
         self.status.update(|s| s.rotating = false);
         tracing::info!("rotator stopped");
     }
 
-    /// Take the rotation lock if it is free; on success, resume from the state file.
+    /// Become the rotator if no one else is; on success, resume from the state file (and the
+    /// group's record).
     fn try_lock(&mut self) -> std::io::Result<bool> {
-        match RotationLock::try_acquire(&self.lock_path)? {
-            Some(lock) => {
-                self.lock = Some(lock);
-                self.take_over(SystemTime::now());
-                Ok(true)
-            }
-            None => Ok(false),
+        if self.coordination.poll_leadership()? {
+            self.leading = true;
+            let now = self.now();
+            self.take_over(now);
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    /// Whether this member still leads: always with the lock file, until the lease could have
+    /// expired with etcd.
+    fn still_leads(&mut self) -> bool {
+        self.coordination.poll_leadership().unwrap_or(false)
+    }
+
+    /// An unreachable coordination backend is reported on `/health` (degraded), once per
+    /// change in the log (the backend logs it).
+    fn report_coordination(&self) {
+        let unreachable = self.coordination.unreachable();
+        if self.status.get().coordination_error != unreachable {
+            self.status.update(|s| s.coordination_error = unreachable);
         }
     }
 
@@ -321,14 +373,43 @@ impl Engine {
                 .find(|t| file_fp.as_deref() == Some(t.fingerprint.as_str()))
                 .cloned()
         });
-        self.held = match (resumed.current, file_token, self.env_token.clone()) {
-            (Some(saved), Some(token), _) => Some(minted_held(token, &saved)),
-            (_, _, Some(env)) => Some(adopted_held(env, Origin::Env, now)),
-            (_, Some(token), None) => Some(match &expired_minted {
+        let published = self.coordination.published();
+        let start = decisions::start_token(
+            now,
+            StartInputs {
+                published: published.as_ref().map(|record| record.expires_at),
+                saved_in_file: resumed.current.is_some() && file_token.is_some(),
+                file_token: file_token.is_some(),
+                env_token: self.env_token.is_some(),
+                file_minted_expired: expired_minted.is_some(),
+            },
+            self.plan.guard,
+        );
+        self.held = match (start, published, resumed.current, file_token) {
+            (Start::Published, Some(record), _, file_token) => {
+                for revoke in &record.revokes {
+                    if !self.revokes.iter().any(|r| r.token_id == revoke.token_id) {
+                        self.revokes.push(revoke.clone());
+                    }
+                }
+                let saved = saved_from_record(&record);
+                self.saved.current = Some(saved.clone());
+                let held = minted_held(record.token, &saved);
+                if !file_token.is_some_and(|t| t.same_secret(&held.token)) {
+                    self.write_files(&held.token, true);
+                }
+                Some(held)
+            }
+            (Start::Saved, _, Some(saved), Some(token)) => Some(minted_held(token, &saved)),
+            (Start::Env, ..) => self
+                .env_token
+                .clone()
+                .map(|env| adopted_held(env, Origin::Env, now)),
+            (Start::File { .. }, _, _, Some(token)) => Some(match &expired_minted {
                 Some(saved) => minted_held(token, saved),
                 None => adopted_held(token, Origin::File, now),
             }),
-            (_, None, None) => None,
+            _ => None,
         };
         if let Some(held) = &self.held {
             self.shared.publish(held.token.clone());
@@ -363,8 +444,13 @@ impl Engine {
         self.update_status();
     }
 
-    /// A follower publishes every new token that appears in the config file.
+    /// A follower publishes every new token that appears in the config file, or in the
+    /// group's record (etcd), where it also writes it to its own config file and sinks.
     fn follow(&mut self, now: SystemTime) {
+        if self.coordination.backend() != Backend::File {
+            self.follow_published(now);
+            return;
+        }
         let Some(token) = self.file.current() else {
             return;
         };
@@ -383,6 +469,127 @@ impl Engine {
         self.shared.publish(held.token.clone());
         self.held = Some(held);
         self.update_status();
+    }
+
+    fn follow_published(&mut self, now: SystemTime) {
+        let Some(record) = self.coordination.published() else {
+            return;
+        };
+        let held = self.held.as_ref().map(|h| HeldView {
+            token_id: h.token_id.as_deref(),
+            same_secret: h.token.same_secret(&record.token),
+        });
+        if !decisions::adopt_published(now, held, &record.token_id, record.expires_at) {
+            return;
+        }
+        let saved = saved_from_record(&record);
+        let held = minted_held(record.token, &saved);
+        tracing::info!(
+            token_id = %record.token_id,
+            leader = %record.leader,
+            "following the fleet: new token published"
+        );
+        self.shared.publish(held.token.clone());
+        let written = self.write_files(&held.token, true);
+        self.status.update(|s| s.persist_failed = !written);
+        self.held = Some(held);
+        self.update_status();
+    }
+
+    /// The group's record for the held token, if this member minted it.
+    fn record(&self) -> Option<TokenRecord> {
+        let held = self.held.as_ref().filter(|h| h.origin == Origin::Minted)?;
+        Some(TokenRecord {
+            token: held.token.clone(),
+            token_id: held.token_id.clone()?,
+            created_at: held.obtained_at,
+            expires_at: held.expires_at,
+            revokes: self.revokes.clone(),
+            leader: self.member.clone(),
+        })
+    }
+
+    /// Publish the held token's record again (its revokes changed); a deposed member stops
+    /// rotating.
+    async fn publish_record(&mut self) {
+        if self.coordination.backend() == Backend::File {
+            return;
+        }
+        let Some(record) = self.record() else {
+            return;
+        };
+        match self.coordination.publish(&record).await {
+            Ok(()) => {}
+            Err(PublishError::Deposed) => self.deposed(),
+            Err(PublishError::Unavailable(reason)) => {
+                tracing::warn!(error = %reason, "cannot publish the token record; a successor may revoke late");
+            }
+        }
+    }
+
+    fn deposed(&mut self) {
+        tracing::warn!("another member rotates now: this one stops minting and follows");
+        self.leading = false;
+        self.update_status();
+    }
+
+    /// A token minted here becomes the group's only after its fenced publication. One that
+    /// cannot be published is revoked at once, with itself: no member will ever use it.
+    async fn publish_minted(&mut self, minted: &MintedToken, previous: &Held) -> bool {
+        if self.coordination.backend() == Backend::File {
+            return true;
+        }
+        let now = self.now();
+        let mut revokes = self.revokes.clone();
+        if previous.origin == Origin::Minted
+            && !previous.dead
+            && let Some(token_id) = &previous.token_id
+        {
+            revokes.push(PendingRevoke {
+                token_id: token_id.clone(),
+                due: now + self.config.revoke_grace,
+                expires_at: previous.expires_at,
+            });
+        }
+        let record = TokenRecord {
+            token: minted.token.clone(),
+            token_id: minted.token_id.clone(),
+            created_at: minted.created_at,
+            expires_at: minted.expires_at,
+            revokes,
+            leader: self.member.clone(),
+        };
+        let outcome = self.coordination.publish(&record).await;
+        let Err(err) = outcome else {
+            return true;
+        };
+        self.metrics.rotation(RotationResult::Failed);
+        tracing::warn!(
+            token_id = %minted.token_id,
+            error = %err,
+            "the new token cannot be published to the fleet; it is revoked"
+        );
+        match self.api.delete(&minted.token, &minted.token_id).await {
+            Ok(_) => {}
+            Err(revoke) => tracing::error!(
+                token_id = %minted.token_id,
+                error = %revoke,
+                "cannot revoke a token no member uses; run: databricks tokens delete {}",
+                minted.token_id
+            ),
+        }
+        match err {
+            PublishError::Deposed => self.deposed(),
+            PublishError::Unavailable(_) => {
+                let delay = self
+                    .plan
+                    .backoff
+                    .delay(self.mint_attempts, fastrand::f64(), None);
+                self.mint_attempts += 1;
+                self.retry_at = Some(now + delay);
+            }
+        }
+        false
     }
 
     /// A token of the config file, with id and expiry when the state file describes it.
@@ -528,13 +735,18 @@ impl Engine {
             .create(&held.token, self.config.lifetime, &self.config.comment)
             .await
         {
-            Ok(minted) => self.install(minted, held),
+            Ok(minted) => {
+                if self.publish_minted(&minted, &held).await {
+                    self.install(minted, held);
+                    self.publish_record().await;
+                }
+            }
             Err(err) => self.mint_failed(err, &held.token).await,
         }
     }
 
     fn install(&mut self, minted: MintedToken, previous: Held) {
-        let now = SystemTime::now();
+        let now = self.now();
         let new_saved = SavedToken {
             token_id: minted.token_id.clone(),
             fingerprint: fingerprint(&minted.token),
@@ -625,7 +837,13 @@ impl Engine {
     /// `report`: log each failure as an error (the first attempt) or only at debug level
     /// (retries, which [`Self::after_persist`] sums up).
     fn persist(&mut self, token: &Token, report: bool) -> bool {
-        let mut persisted = self.save_state();
+        let saved = self.save_state();
+        self.write_files(token, report) && saved
+    }
+
+    /// Write `token` to the config file and the sinks; false if any failed.
+    fn write_files(&mut self, token: &Token, report: bool) -> bool {
+        let mut persisted = true;
         if let Err(err) = self.write_config(token) {
             persisted = false;
             if report {
@@ -760,68 +978,82 @@ impl Engine {
     }
 
     async fn mint_failed(&mut self, err: ApiError, auth: &Token) {
-        let now = SystemTime::now();
+        let now = self.now();
         let backoff = self.plan.backoff;
-        match err.kind() {
-            ErrorKind::Transient => {
-                let delay = backoff.delay(self.mint_attempts, fastrand::f64(), err.retry_after());
+        let failure = MintFailure {
+            kind: err.kind(),
+            retry_after: err.retry_after(),
+        };
+        let mut reaction = decisions::after_failed_mint(
+            now,
+            failure,
+            self.mint_attempts,
+            backoff,
+            fastrand::f64(),
+        );
+        let mut probe = None;
+        if reaction == Reaction::Probe {
+            self.metrics.rotation(RotationResult::Refused);
+            let (outcome, error) = match self.api.me(auth).await {
+                Ok(_) => (Probe::Accepted, None),
+                Err(check) if check.is_refused() => (Probe::Refused, None),
+                Err(check) => (
+                    Probe::Unknown {
+                        retry_after: check.retry_after(),
+                    },
+                    Some(check),
+                ),
+            };
+            probe = Some((outcome, error));
+            reaction =
+                decisions::after_probe(now, outcome, self.mint_attempts, backoff, fastrand::f64());
+        }
+        match reaction {
+            Reaction::Retry { at, result } => {
+                let retry_in_ms = at.duration_since(now).unwrap_or_default().as_millis() as u64;
                 self.mint_attempts += 1;
-                self.retry_at = Some(now + delay);
-                self.metrics.rotation(RotationResult::Failed);
-                tracing::warn!(
-                    attempt = self.mint_attempts,
-                    retry_in_ms = delay.as_millis() as u64,
-                    error = %err,
-                    "minting a new token failed; retrying"
-                );
-            }
-            ErrorKind::Auth | ErrorKind::Permission => {
-                self.metrics.rotation(RotationResult::Refused);
-                match self.api.me(auth).await {
-                    Ok(_) => {
-                        self.mint_attempts += 1;
-                        self.retry_at = Some(now + backoff.cap);
-                        tracing::error!(
-                            error = %err,
-                            retry_in_ms = backoff.cap.as_millis() as u64,
-                            "token/create refused although the token is accepted: this user may not create tokens"
-                        );
-                    }
-                    Err(probe) if probe.is_refused() => {
-                        if let Some(held) = &mut self.held {
-                            held.dead = true;
-                        }
-                        tracing::error!(
-                            error = %err,
-                            config_file = %self.config.config_file.display(),
-                            "the token is no longer accepted; no API call will be made with it until a new token appears in the config file"
-                        );
-                        self.update_status();
-                    }
-                    Err(probe) => {
-                        let delay =
-                            backoff.delay(self.mint_attempts, fastrand::f64(), probe.retry_after());
-                        self.mint_attempts += 1;
-                        self.retry_at = Some(now + delay);
-                        tracing::warn!(
-                            error = %err,
-                            check = %probe,
-                            retry_in_ms = delay.as_millis() as u64,
-                            "token/create refused and the token cannot be checked; retrying"
-                        );
-                    }
+                self.retry_at = Some(at);
+                match probe {
+                    None => self.metrics.rotation(result),
+                    Some((Probe::Accepted, _)) => tracing::error!(
+                        error = %err,
+                        retry_in_ms,
+                        "token/create refused although the token is accepted: this user may not create tokens"
+                    ),
+                    Some((_, check)) => tracing::warn!(
+                        error = %err,
+                        check = %check.map(|c| c.to_string()).unwrap_or_default(),
+                        retry_in_ms,
+                        "token/create refused and the token cannot be checked; retrying"
+                    ),
+                }
+                match err.kind() {
+                    ErrorKind::Transient => tracing::warn!(
+                        attempt = self.mint_attempts,
+                        retry_in_ms,
+                        error = %err,
+                        "minting a new token failed; retrying"
+                    ),
+                    ErrorKind::BadRequest => tracing::error!(
+                        error = %err,
+                        retry_in_ms,
+                        "token/create rejected the request"
+                    ),
+                    ErrorKind::Auth | ErrorKind::Permission => {}
                 }
             }
-            ErrorKind::BadRequest => {
-                self.mint_attempts += 1;
-                self.retry_at = Some(now + backoff.cap);
-                self.metrics.rotation(RotationResult::Failed);
+            Reaction::Dead => {
+                if let Some(held) = &mut self.held {
+                    held.dead = true;
+                }
                 tracing::error!(
                     error = %err,
-                    retry_in_ms = backoff.cap.as_millis() as u64,
-                    "token/create rejected the request"
+                    config_file = %self.config.config_file.display(),
+                    "the token is no longer accepted; no API call will be made with it until a new token appears in the config file"
                 );
+                self.update_status();
             }
+            Reaction::Probe => unreachable!("a probe's answer decides"),
         }
     }
 
@@ -904,6 +1136,7 @@ impl Engine {
             None => {
                 self.revokes.retain(|r| r.token_id != token_id);
                 self.revoke_attempts.remove(token_id);
+                self.publish_record().await;
             }
             Some(due) => {
                 for revoke in self.revokes.iter_mut().filter(|r| r.token_id == token_id) {
@@ -979,6 +1212,22 @@ pub struct LockError {
     pub path: PathBuf,
     /// Why it cannot be opened.
     pub source: std::io::Error,
+}
+
+/// What the engine reads the time from.
+pub(super) type Clock = fn() -> SystemTime;
+
+fn system_clock() -> SystemTime {
+    SystemTime::now()
+}
+
+fn saved_from_record(record: &TokenRecord) -> SavedToken {
+    SavedToken {
+        token_id: record.token_id.clone(),
+        fingerprint: fingerprint(&record.token),
+        created_at_ms: to_ms(record.created_at),
+        expires_at_ms: record.expires_at.map(to_ms),
+    }
 }
 
 fn minted_ref(saved: &SavedToken) -> MintedRef {

@@ -57,7 +57,10 @@
 //! # }
 //! ```
 
+pub mod coordination;
+pub mod decisions;
 mod engine;
+pub mod etcd;
 pub mod lock;
 pub mod persistence;
 pub mod schedule;
@@ -136,8 +139,30 @@ impl Rotator {
         metrics: Metrics,
         activity: Activity,
     ) -> Result<Self, LockError> {
+        Self::coordinated(config, client, env_token, status, metrics, activity, None)
+    }
+
+    /// [`Rotator::new`] with another way to elect the rotator than the lock next to the config
+    /// file (`None`): [`etcd::EtcdCoordination`] for a fleet.
+    pub fn coordinated(
+        config: RotatorConfig,
+        client: reqwest::Client,
+        env_token: Option<Token>,
+        status: StatusCell,
+        metrics: Metrics,
+        activity: Activity,
+        coordination: Option<Box<dyn coordination::Coordination>>,
+    ) -> Result<Self, LockError> {
         Ok(Self {
-            engine: engine::Engine::new(config, client, env_token, status, metrics, activity)?,
+            engine: engine::Engine::new(
+                config,
+                client,
+                env_token,
+                status,
+                metrics,
+                activity,
+                coordination,
+            )?,
         })
     }
 

@@ -1,0 +1,400 @@
+//! Fleet mode: real proxies (the binary) coordinating through a real etcd, rotating against the
+//! fake workspace with lifetimes of seconds. Every scenario checks that requests keep working,
+//! that one member rotates, and that every token minted is either the current one, waiting out
+//! its grace period, or revoked.
+#![cfg(unix)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::binary::{ProxyProcess, command};
+use common::etcd::{self, EtcdServer};
+use common::fake_workspace::{FakeWorkspace, IssuedToken, TokenKind};
+use common::{JsonBody, http_client, wait_until};
+use serde_json::{Value, json};
+
+const COMMENT: &str = "fresh-proxy-auto-rotated";
+const PREFIX: &str = "fresh-proxy/test-fleet";
+
+/// Seconds: token lifetime, rotation interval, revoke grace, etcd lease.
+#[derive(Clone, Copy)]
+struct Timing {
+    lifetime: u32,
+    interval: u32,
+    grace: u32,
+    lease: u32,
+}
+
+const TIMING: Timing = Timing {
+    lifetime: 12,
+    interval: 3,
+    grace: 1,
+    lease: 2,
+};
+
+struct Member {
+    process: ProxyProcess,
+    home: tempfile::TempDir,
+}
+
+impl Member {
+    fn url(&self) -> String {
+        self.process.url()
+    }
+
+    fn config_token(&self) -> Option<String> {
+        let cfg = self.home.path().join(".databrickscfg");
+        fresh_token::databrickscfg::read_profile(&cfg, "DEFAULT")
+            .ok()?
+            .token
+            .map(|t| t.expose_secret().to_owned())
+    }
+}
+
+/// A member with a config file of its own, bootstrapped with `bootstrap`.
+async fn member(ws: &FakeWorkspace, etcd: &str, bootstrap: &IssuedToken, timing: Timing) -> Member {
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join(".databrickscfg"),
+        format!(
+            "[DEFAULT]\nhost = {}\ntoken = {}\n",
+            ws.url(),
+            bootstrap.value
+        ),
+    )
+    .unwrap();
+    let mut cmd = command(home.path());
+    cmd.env("PAT_TOKEN_LIFETIME", timing.lifetime.to_string())
+        .env("PAT_ROTATION_INTERVAL", timing.interval.to_string())
+        .env("PAT_REVOKE_GRACE", timing.grace.to_string())
+        .env("PAT_COORDINATION", "etcd")
+        .env("PAT_ETCD_ENDPOINTS", etcd)
+        .env("PAT_ETCD_PREFIX", PREFIX)
+        .env("PAT_ETCD_LEASE_TTL", timing.lease.to_string())
+        .env("RUST_LOG", "info");
+    let process = tokio::task::spawn_blocking(move || ProxyProcess::start(cmd))
+        .await
+        .unwrap();
+    Member { process, home }
+}
+
+async fn start_etcd() -> EtcdServer {
+    tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .unwrap()
+}
+
+async fn health(url: &str) -> Value {
+    let text = common::get_text(format!("{url}/health")).await;
+    serde_json::from_str(&text).unwrap()
+}
+
+/// How many of `members` say `rotator` on `/health`.
+async fn rotators(members: &[&Member]) -> Vec<usize> {
+    let mut found = Vec::new();
+    for (i, member) in members.iter().enumerate() {
+        if health(&member.url()).await["token"]["role"] == "rotator" {
+            found.push(i);
+        }
+    }
+    found
+}
+
+/// The group's record in etcd, as JSON.
+fn record(etcd: &EtcdServer) -> Option<Value> {
+    let bytes = etcd.get(&format!("{PREFIX}/token"))?;
+    Some(serde_json::from_slice(&bytes).unwrap())
+}
+
+/// Minted tokens the workspace still accepts that are neither the record's current token nor
+/// waiting in its revoke list: a leak.
+fn leaked(ws: &FakeWorkspace, record: &Value) -> Vec<String> {
+    let mut known: Vec<&str> = vec![record["token_id"].as_str().unwrap()];
+    known.extend(
+        record["revoke"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["token_id"].as_str()),
+    );
+    ws.live_tokens()
+        .into_iter()
+        .filter(|t| t.kind == TokenKind::Pat && t.comment == COMMENT)
+        .map(|t| t.id)
+        .filter(|id| !known.contains(&id.as_str()))
+        .collect()
+}
+
+/// Clients sending chat requests through every URL until stopped; they return the statuses of
+/// the requests that failed.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    clients: Vec<tokio::task::JoinHandle<Vec<u16>>>,
+}
+
+impl Load {
+    fn start(urls: &[String]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let clients = urls
+            .iter()
+            .map(|url| {
+                let (stop, ok, url) = (stop.clone(), ok.clone(), url.clone());
+                tokio::spawn(async move {
+                    let client = http_client();
+                    let mut failures = Vec::new();
+                    let deadline = Instant::now() + Duration::from_secs(180);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let res = client
+                            .post(format!("{url}/chat/invocations"))
+                            .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+                            .send()
+                            .await;
+                        match res.map(|r| r.status().as_u16()) {
+                            Ok(200) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(status) => failures.push(status),
+                            Err(_) => failures.push(0),
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    failures
+                })
+            })
+            .collect();
+        Self { stop, ok, clients }
+    }
+
+    async fn finish(self) -> (usize, Vec<u16>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for client in self.clients {
+            failures.extend(client.await.unwrap());
+        }
+        (self.ok.load(Ordering::Relaxed), failures)
+    }
+}
+
+fn assert_no_failures(served: usize, failures: &[u16], what: &str) {
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {} requests failed: {failures:?}",
+        failures.len(),
+        served + failures.len()
+    );
+    assert!(served > 50, "{what}: only {served} requests were sent");
+}
+
+/// Wait until every member's config file holds the record's current token.
+async fn all_hold_the_record(ws: &FakeWorkspace, etcd: &EtcdServer, members: &[&Member]) {
+    wait_until(
+        Duration::from_secs(15),
+        "every member's config file holds the published token",
+        || async {
+            let Some(record) = record(etcd) else {
+                return false;
+            };
+            let current = record["token"].as_str().unwrap().to_owned();
+            ws.is_live(&current)
+                && members
+                    .iter()
+                    .all(|m| m.config_token().as_deref() == Some(current.as_str()))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_one_rotator_and_a_survivor_takes_over_from_a_killed_one() {
+    let ws = FakeWorkspace::start().await;
+    let bootstrap = ws.mint(Duration::from_secs(600));
+    let etcd = start_etcd().await;
+    let endpoint = etcd.endpoint();
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        members.push(member(&ws, &endpoint, &bootstrap, TIMING).await);
+    }
+
+    let urls: Vec<String> = members.iter().map(Member::url).collect();
+    let load = Load::start(&urls);
+    let started = Instant::now();
+    wait_until(Duration::from_secs(60), "four rotations", || async {
+        ws.stats().creates >= 4
+    })
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mints = ws.stats().creates;
+    let (served, failures) = load.finish().await;
+    assert_no_failures(served, &failures, "three members");
+    // One rotator mints once per interval (and once at the start, from the bootstrap token);
+    // three would mint three times as often.
+    let expected = elapsed / f64::from(TIMING.interval) + 2.0;
+    assert!(
+        (mints as f64) <= expected,
+        "{mints} mints in {elapsed:.1} s: more than one rotator"
+    );
+    let refs: Vec<&Member> = members.iter().collect();
+    assert_eq!(rotators(&refs).await.len(), 1, "exactly one rotator");
+    for member in &members {
+        let h = health(&member.url()).await;
+        assert_eq!(h["token"]["coordination"], "etcd", "{h}");
+        assert_eq!(h["status"], "ok", "{h}");
+    }
+    all_hold_the_record(&ws, &etcd, &refs).await;
+    let record_now = record(&etcd).unwrap();
+    assert_eq!(leaked(&ws, &record_now), Vec::<String>::new());
+
+    // kill -9 the rotator: a survivor takes over within the lease, the fleet keeps serving.
+    let leader = rotators(&refs).await[0];
+    let mut dead = members.remove(leader);
+    dead.process.kill();
+    let survivors: Vec<&Member> = members.iter().collect();
+    let urls: Vec<String> = members.iter().map(Member::url).collect();
+    let before = ws.stats().creates;
+    let load = Load::start(&urls);
+    wait_until(Duration::from_secs(60), "a survivor rotates", || async {
+        ws.stats().creates >= before + 3
+    })
+    .await;
+    let (served, failures) = load.finish().await;
+    assert_no_failures(served, &failures, "two survivors");
+    assert_eq!(
+        rotators(&survivors).await.len(),
+        1,
+        "exactly one survivor rotates"
+    );
+    all_hold_the_record(&ws, &etcd, &survivors).await;
+    // The dead rotator's tokens are revoked by its successor once their grace has passed.
+    wait_until(Duration::from_secs(15), "nothing leaked", || async {
+        record(&etcd).is_some_and(|r| leaked(&ws, &r).is_empty())
+    })
+    .await;
+    let dead_logs = dead.process.logs();
+    let logs = [
+        dead_logs,
+        survivors[0].process.logs(),
+        survivors[1].process.logs(),
+    ];
+    for log in &logs {
+        assert!(!log.contains(&bootstrap.value), "a token reached the logs");
+        let current = record(&etcd).unwrap()["token"].as_str().unwrap().to_owned();
+        assert!(!log.contains(&current), "a token reached the logs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_going_away_stops_minting_not_serving_and_its_return_resumes_rotation() {
+    let ws = FakeWorkspace::start().await;
+    let bootstrap = ws.mint(Duration::from_secs(600));
+    let mut etcd = start_etcd().await;
+    let endpoint = etcd.endpoint();
+    // Tokens outlive the outage: members serve the current one meanwhile.
+    let timing = Timing {
+        lifetime: 30,
+        ..TIMING
+    };
+    let a = member(&ws, &endpoint, &bootstrap, timing).await;
+    let b = member(&ws, &endpoint, &bootstrap, timing).await;
+    wait_until(Duration::from_secs(30), "a rotation", || async {
+        ws.stats().creates >= 1
+    })
+    .await;
+    all_hold_the_record(&ws, &etcd, &[&a, &b]).await;
+
+    let load = Load::start(&[a.url(), b.url()]);
+    tokio::task::block_in_place(|| etcd.stop());
+    // Past the lease, no member may mint any more.
+    tokio::time::sleep(Duration::from_secs(u64::from(timing.lease) + 1)).await;
+    let during = ws.stats().creates;
+    tokio::time::sleep(Duration::from_secs(u64::from(timing.interval) * 2)).await;
+    assert_eq!(ws.stats().creates, during, "a member minted without etcd");
+    for member in [&a, &b] {
+        let h = health(&member.url()).await;
+        assert_eq!(h["status"], "degraded", "{h}");
+        assert!(h["token"]["coordination_error"].is_string(), "{h}");
+        assert_eq!(h["token"]["role"], "follower", "{h}");
+    }
+
+    tokio::task::block_in_place(|| etcd.start_again());
+    wait_until(Duration::from_secs(30), "rotation resumes", || async {
+        ws.stats().creates >= during + 2
+    })
+    .await;
+    let (served, failures) = load.finish().await;
+    assert_no_failures(served, &failures, "through the outage");
+    assert_eq!(rotators(&[&a, &b]).await.len(), 1);
+    wait_until(Duration::from_secs(15), "healthy again", || async {
+        health(&a.url()).await["status"] == "ok" && health(&b.url()).await["status"] == "ok"
+    })
+    .await;
+    all_hold_the_record(&ws, &etcd, &[&a, &b]).await;
+    wait_until(Duration::from_secs(15), "nothing leaked", || async {
+        record(&etcd).is_some_and(|r| leaked(&ws, &r).is_empty())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_rotator_cannot_publish_when_it_wakes_and_a_late_member_catches_up() {
+    let ws = FakeWorkspace::start().await;
+    let bootstrap = ws.mint(Duration::from_secs(600));
+    let etcd = start_etcd().await;
+    let endpoint = etcd.endpoint();
+    let a = member(&ws, &endpoint, &bootstrap, TIMING).await;
+    let b = member(&ws, &endpoint, &bootstrap, TIMING).await;
+    wait_until(Duration::from_secs(30), "a rotation", || async {
+        ws.stats().creates >= 1
+    })
+    .await;
+    let leader = rotators(&[&a, &b]).await;
+    assert_eq!(leader.len(), 1);
+    let (old, other) = if leader[0] == 0 { (&a, &b) } else { (&b, &a) };
+    let old_name = record(&etcd).unwrap()["leader"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Partition the rotator (SIGSTOP) past its lease and a rotation: the other takes over.
+    etcd::pause(old.process.pid());
+    let before = ws.stats().creates;
+    wait_until(
+        Duration::from_secs(30),
+        "the other member rotates",
+        || async {
+            ws.stats().creates > before
+                && record(&etcd).is_some_and(|r| r["leader"].as_str() != Some(old_name.as_str()))
+        },
+    )
+    .await;
+    etcd::resume(old.process.pid());
+    // Awake, the old rotator learns it was deposed before it acts: its lease ran out while it
+    // slept. Whatever it does, no record of its own is published again.
+    let watch_until = Instant::now() + Duration::from_secs(u64::from(TIMING.interval) * 2);
+    while Instant::now() < watch_until {
+        let r = record(&etcd).unwrap();
+        assert_ne!(
+            r["leader"].as_str(),
+            Some(old_name.as_str()),
+            "a deposed rotator published"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(health(&old.url()).await["token"]["role"], "follower");
+    assert_eq!(health(&other.url()).await["token"]["role"], "rotator");
+    all_hold_the_record(&ws, &etcd, &[&a, &b]).await;
+
+    // A member joining late, with only the bootstrap token in its file, serves the fleet's.
+    let late = member(&ws, &endpoint, &bootstrap, TIMING).await;
+    all_hold_the_record(&ws, &etcd, &[&a, &b, &late]).await;
+    assert_eq!(health(&late.url()).await["token"]["role"], "follower");
+    assert_eq!(rotators(&[&a, &b, &late]).await.len(), 1);
+    wait_until(Duration::from_secs(15), "nothing leaked", || async {
+        record(&etcd).is_some_and(|r| leaked(&ws, &r).is_empty())
+    })
+    .await;
+}
