@@ -61,7 +61,7 @@ pub struct EtcdServer {
 
 impl EtcdServer {
     /// Starts etcd on two free loopback ports with an empty data directory, and waits until it
-    /// is healthy.
+    /// is healthy. Leases may be as short as 1 s.
     ///
     /// # Panics
     ///
@@ -259,6 +259,10 @@ impl EtcdServer {
             .args(["--initial-cluster", &format!("{}={peer}", self.name)])
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", &self.name])
+            // Half the default raft timings, which a single member can afford: etcd's shortest
+            // lease (one and a half election timeouts, rounded up to whole seconds) becomes 1 s
+            // instead of 2 s, so a fleet test can let a leader's lease run out quickly.
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--logger", "zap", "--log-level", "error"])
             .args(["--log-outputs", "stderr"])
             // etcd reads every ETCD_* variable as a flag: none from the test's environment.

@@ -76,6 +76,22 @@ async fn etcd_starts_healthy_on_loopback_and_stores_keys() {
         etcd.get("fleet/team/token").as_deref(),
         Some(&b"record-2"[..])
     );
+
+    // Fleet tests let a leader's lease run out: it may be as short as 1 s (2 s is etcd's
+    // shortest with its default timings).
+    let lease: Value = serde_json::from_str(
+        &http_client()
+            .post(format!("{}/v3/lease/grant", etcd.endpoint()))
+            .json_body(&json!({"TTL": 1}))
+            .send()
+            .await
+            .expect("grant a lease")
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(lease["TTL"], "1", "{lease}");
 }
 
 #[tokio::test]
