@@ -1,7 +1,8 @@
 //! The files in `deploy/`, checked for structure without a container engine or systemd: the
 //! compose file (services, shared volume, loopback-only ports, health check), `.env.example`
 //! (no secrets), the Dockerfile (built from the checked-in `Cargo.lock`, non-root, health check
-//! on `/ready`), and the systemd unit (hardening).
+//! on `/ready`), the systemd unit (hardening), and the fleet's compose file in `deploy/fleet/`
+//! (three proxies coordinated through a three-member etcd).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -66,8 +67,15 @@ struct Compose(Value);
 
 impl Compose {
     fn load() -> Self {
-        let text = read("deploy/docker-compose.yml");
-        Self(serde_norway::from_str(&text).expect("deploy/docker-compose.yml is valid YAML"))
+        Self::load_from("deploy/docker-compose.yml")
+    }
+
+    fn load_from(relative: &str) -> Self {
+        let text = read(relative);
+        Self(
+            serde_norway::from_str(&text)
+                .unwrap_or_else(|e| panic!("{relative} is valid YAML: {e}")),
+        )
     }
 
     fn service(&self, name: &str) -> &Value {
@@ -214,17 +222,8 @@ fn compose_runs_the_proxy_and_an_agent_on_one_named_volume() {
     }
 }
 
-#[test]
-fn compose_publishes_on_loopback_only_and_checks_readiness() {
-    let compose = Compose::load();
-    let port = compose
-        .env(PROXY_SERVICE, "PROXY_PORT")
-        .expect("PROXY_PORT");
-    assert_eq!(
-        compose.env(PROXY_SERVICE, "PROXY_HOST").as_deref(),
-        Some("0.0.0.0"),
-        "inside its container the proxy must listen beyond loopback to be reachable"
-    );
+/// No service uses the host network or publishes a port beyond the host's loopback interface.
+fn assert_published_on_loopback_only(compose: &Compose) {
     for name in compose.service_names() {
         let service = compose.service(&name);
         assert!(
@@ -246,6 +245,20 @@ fn compose_publishes_on_loopback_only_and_checks_readiness() {
             }
         }
     }
+}
+
+#[test]
+fn compose_publishes_on_loopback_only_and_checks_readiness() {
+    let compose = Compose::load();
+    let port = compose
+        .env(PROXY_SERVICE, "PROXY_PORT")
+        .expect("PROXY_PORT");
+    assert_eq!(
+        compose.env(PROXY_SERVICE, "PROXY_HOST").as_deref(),
+        Some("0.0.0.0"),
+        "inside its container the proxy must listen beyond loopback to be reachable"
+    );
+    assert_published_on_loopback_only(&compose);
     let ports = compose.service(PROXY_SERVICE)["ports"]
         .as_sequence()
         .expect("the proxy is published on the host's loopback");
@@ -280,7 +293,13 @@ fn compose_publishes_on_loopback_only_and_checks_readiness() {
 
 #[test]
 fn compose_and_env_example_hold_no_secret() {
-    let compose = Compose::load();
+    assert_holds_no_secret("deploy");
+}
+
+/// `dir`'s compose file takes every secret from the environment, and its `.env.example` holds
+/// none but explains every variable the compose file takes; the filled-in `.env` is ignored.
+fn assert_holds_no_secret(dir: &str) {
+    let compose = Compose::load_from(&format!("{dir}/docker-compose.yml"));
     for name in compose.service_names() {
         for (key, value) in compose.environment(&name) {
             if is_secret_name(&key) {
@@ -296,7 +315,7 @@ fn compose_and_env_example_hold_no_secret() {
         }
     }
 
-    let example = read("deploy/.env.example");
+    let example = read(&format!("{dir}/.env.example"));
     let mut keys = BTreeSet::new();
     for line in example.lines().map(str::trim) {
         if line.is_empty() || line.starts_with('#') {
@@ -315,7 +334,7 @@ fn compose_and_env_example_hold_no_secret() {
     assert!(keys.contains("DATABRICKS_HOST") && keys.contains("DATABRICKS_TOKEN"));
 
     // Every variable the compose file takes from the environment is explained in the example.
-    let text = read("deploy/docker-compose.yml");
+    let text = read(&format!("{dir}/docker-compose.yml"));
     for (at, _) in text.match_indices("${") {
         // `$${...}` is a literal `${...}` for the container's shell, not a compose variable.
         if text[..at].ends_with('$') {
@@ -325,12 +344,13 @@ fn compose_and_env_example_hold_no_secret() {
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect();
-        assert!(keys.contains(&name), ".env.example lacks {name}");
+        assert!(keys.contains(&name), "{dir}/.env.example lacks {name}");
     }
+    // Without a slash, the pattern also covers `.env` in the directories below deploy/.
     let ignored = read("deploy/.gitignore");
     assert!(
         ignored.lines().any(|l| l.trim() == ".env"),
-        "deploy/.gitignore keeps the filled-in .env out of version control"
+        "deploy/.gitignore keeps the filled-in .env of {dir} out of version control"
     );
 }
 
@@ -564,6 +584,16 @@ fn dockerfile_builds_from_the_checked_in_lock_file() {
         "the build stage copies Cargo.lock"
     );
 
+    // The repository's cargo configuration (`.cargo/`) applies to the image's build as well.
+    if root().join(".cargo").exists() {
+        assert!(
+            copies
+                .iter()
+                .any(|(sources, _)| sources.iter().any(|s| s.trim_end_matches('/') == ".cargo")),
+            "the build stage copies .cargo/, as cargo in the repository reads it"
+        );
+    }
+
     // Every source must pass the build's ignore file, which lets through only what it names.
     let ignore = read("deploy/Dockerfile.dockerignore");
     let allowed: BTreeSet<&str> = ignore
@@ -770,5 +800,366 @@ fn systemd_unit_verifies_where_systemd_analyze_is_available() {
     );
     if !output.status.success() {
         eprintln!("systemd-analyze verify could not run here; skipped:\n{stderr}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// deploy/fleet: three proxies, one rotator, a three-member etcd
+
+const FLEET: &str = "deploy/fleet";
+
+fn fleet() -> Compose {
+    Compose::load_from(&format!("{FLEET}/docker-compose.yml"))
+}
+
+/// The proxies of a compose file: the services built from `deploy/Dockerfile`.
+fn proxy_services(compose: &Compose) -> Vec<String> {
+    compose
+        .service_names()
+        .into_iter()
+        .filter(|name| {
+            compose.service(name)["build"]["dockerfile"].as_str() == Some("deploy/Dockerfile")
+        })
+        .collect()
+}
+
+/// The etcd members of a compose file: the services that run an etcd image.
+fn etcd_services(compose: &Compose) -> Vec<String> {
+    compose
+        .service_names()
+        .into_iter()
+        .filter(|name| {
+            compose.service(name)["image"]
+                .as_str()
+                .is_some_and(|image| image.contains("/etcd"))
+        })
+        .collect()
+}
+
+/// The `--flag=value` arguments of a service's command.
+fn flags(compose: &Compose, service: &str) -> Vec<(String, String)> {
+    compose.service(service)["command"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{service}: command is a list of --flag=value"))
+        .iter()
+        .map(|arg| {
+            let arg = arg.as_str().expect("a string argument");
+            let (flag, value) = arg.split_once('=').unwrap_or((arg, ""));
+            (flag.to_owned(), value.to_owned())
+        })
+        .collect()
+}
+
+fn flag(compose: &Compose, service: &str, name: &str) -> String {
+    flags(compose, service)
+        .into_iter()
+        .find_map(|(flag, value)| (flag == name).then_some(value))
+        .unwrap_or_else(|| panic!("{service} sets {name}"))
+}
+
+/// The host port of the `127.0.0.1:HOST:CONTAINER` mapping of `container`.
+fn loopback_host_port(compose: &Compose, service: &str, container: &str) -> String {
+    compose.service(service)["ports"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find_map(|short| {
+            let rest = short.strip_prefix("127.0.0.1:")?;
+            let (host, inside) = rest.split_once(':')?;
+            (inside == container).then(|| host.to_owned())
+        })
+        .unwrap_or_else(|| panic!("{service} publishes {container} on 127.0.0.1"))
+}
+
+/// The default of a `${NAME:-default}` value.
+fn default_of(value: &str, name: &str) -> String {
+    value
+        .strip_prefix(&format!("${{{name}:-"))
+        .and_then(|rest| rest.strip_suffix('}'))
+        .unwrap_or_else(|| panic!("{value} is ${{{name}:-default}}"))
+        .to_owned()
+}
+
+fn env_example(dir: &str) -> Vec<(String, String)> {
+    read(&format!("{dir}/.env.example"))
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| {
+            let (key, value) = line.split_once('=').expect("KEY=VALUE");
+            (key.to_owned(), value.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn fleet_runs_a_three_member_etcd_cluster_on_its_own_volumes() {
+    let compose = fleet();
+    let members = etcd_services(&compose);
+    assert_eq!(members.len(), 3, "three etcd members: {members:?}");
+
+    let peer = |member: &str| format!("http://{member}:2380");
+    let expected_cluster: BTreeSet<String> = members
+        .iter()
+        .map(|member| format!("{member}={}", peer(member)))
+        .collect();
+    let mut data_volumes = BTreeSet::new();
+    let mut tokens = BTreeSet::new();
+    for member in &members {
+        let image = default_of(
+            compose.service(member)["image"].as_str().unwrap(),
+            "ETCD_IMAGE",
+        );
+        let (repository, tag) = image.rsplit_once(':').expect("a tagged image");
+        assert!(
+            ["gcr.io/etcd-development/etcd", "quay.io/coreos/etcd"].contains(&repository),
+            "{member}: the official etcd image, not {repository}"
+        );
+        assert!(tag.starts_with("v3.5."), "{member}: etcd 3.5, not {tag}");
+        let example = env_example(FLEET);
+        assert!(
+            example.contains(&("ETCD_IMAGE".to_owned(), image.clone())),
+            "{FLEET}/.env.example names the compose file's default image {image}"
+        );
+
+        assert_eq!(flag(&compose, member, "--name"), *member);
+        assert_eq!(
+            flag(&compose, member, "--initial-advertise-peer-urls"),
+            peer(member)
+        );
+        assert_eq!(
+            flag(&compose, member, "--advertise-client-urls"),
+            format!("http://{member}:2379")
+        );
+        let cluster: BTreeSet<String> = flag(&compose, member, "--initial-cluster")
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(cluster, expected_cluster, "{member}: --initial-cluster");
+        assert_eq!(flag(&compose, member, "--initial-cluster-state"), "new");
+        tokens.insert(flag(&compose, member, "--initial-cluster-token"));
+
+        let data_dir = flag(&compose, member, "--data-dir");
+        let (volume, _, read_only) = compose
+            .mounts(member)
+            .into_iter()
+            .find(|(_, target, _)| *target == data_dir)
+            .unwrap_or_else(|| panic!("{member} keeps {data_dir} on a volume"));
+        assert!(!read_only, "{member} writes its data");
+        assert!(
+            compose.0["volumes"][volume.as_str()].is_mapping(),
+            "{member}: {volume} is a named volume"
+        );
+        assert!(
+            data_volumes.insert(volume.clone()),
+            "{member} shares its data volume {volume}"
+        );
+
+        // etcd holds the token: nothing outside the fleet's network reaches it.
+        assert!(
+            compose.service(member)["ports"].is_null(),
+            "{member} must not publish etcd's ports"
+        );
+        assert!(
+            compose.service(member)["healthcheck"]["test"].is_sequence(),
+            "{member} has a health check the proxies wait for"
+        );
+    }
+    assert_eq!(tokens.len(), 1, "one --initial-cluster-token: {tokens:?}");
+}
+
+#[test]
+fn fleet_proxies_share_one_etcd_prefix_and_keep_their_own_config_files() {
+    let compose = fleet();
+    let proxies = proxy_services(&compose);
+    assert_eq!(proxies.len(), 3, "three proxies: {proxies:?}");
+    let members = etcd_services(&compose);
+    let client_urls: BTreeSet<String> = members
+        .iter()
+        .map(|member| flag(&compose, member, "--advertise-client-urls"))
+        .collect();
+
+    let mut config_volumes = BTreeSet::new();
+    let mut host_ports = BTreeSet::new();
+    let shared = |key: &str| -> BTreeSet<Option<String>> {
+        proxies.iter().map(|p| compose.env(p, key)).collect()
+    };
+    for key in [
+        "DATABRICKS_HOST",
+        "DATABRICKS_TOKEN",
+        "DATABRICKS_CONFIG_PROFILE",
+        "PAT_COORDINATION",
+        "PAT_ETCD_ENDPOINTS",
+        "PAT_ETCD_PREFIX",
+        "PAT_ETCD_LEASE_TTL",
+    ] {
+        let values = shared(key);
+        assert!(
+            values.len() == 1 && !values.contains(&None),
+            "every proxy sets the same {key}: {values:?}"
+        );
+    }
+    for proxy in &proxies {
+        let service = compose.service(proxy);
+        // The build context is the repository root, as for deploy/docker-compose.yml.
+        let context = service["build"]["context"].as_str().expect("build context");
+        assert_eq!(
+            root().join(FLEET).join(context).canonicalize().unwrap(),
+            root().canonicalize().unwrap(),
+            "{proxy}: build context {context}"
+        );
+
+        let env = |key: &str| {
+            compose
+                .env(proxy, key)
+                .unwrap_or_else(|| panic!("{proxy} sets {key}"))
+        };
+        assert_eq!(env("PAT_COORDINATION"), "etcd");
+        let endpoints: BTreeSet<String> = env("PAT_ETCD_ENDPOINTS")
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(
+            endpoints, client_urls,
+            "{proxy}: PAT_ETCD_ENDPOINTS names every member"
+        );
+        // The prefix names the team's identity: the person deploying must choose it.
+        assert!(
+            env("PAT_ETCD_PREFIX").starts_with("${PAT_ETCD_PREFIX:?"),
+            "{proxy}: PAT_ETCD_PREFIX must be set in .env"
+        );
+        let ttl: u64 = env("PAT_ETCD_LEASE_TTL").parse().expect("seconds");
+        assert!((1..=60).contains(&ttl), "{proxy}: lease TTL {ttl} s");
+        assert_eq!(env("PROXY_HOST"), "0.0.0.0");
+        assert_eq!(
+            env("PROXY_ALLOWED_HOSTS"),
+            *proxy,
+            "{proxy} answers to its service name"
+        );
+
+        let config_dir = Path::new(&env("DATABRICKS_CONFIG_FILE"))
+            .parent()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let (volume, _, read_only) = compose
+            .mounts(proxy)
+            .into_iter()
+            .find(|(_, target, _)| *target == config_dir)
+            .unwrap_or_else(|| panic!("{proxy} mounts a volume at {config_dir}"));
+        assert!(!read_only, "{proxy} writes its config file");
+        assert!(
+            config_volumes.insert(volume.clone()),
+            "{proxy} shares the config volume {volume}: each host keeps its own file"
+        );
+        assert!(
+            compose
+                .service_names()
+                .iter()
+                .filter(|other| *other != proxy)
+                .all(|other| compose.mounts(other).iter().all(|(s, _, _)| *s != volume)),
+            "{volume} is {proxy}'s alone"
+        );
+
+        for member in &members {
+            assert_eq!(
+                service["depends_on"][member.as_str()]["condition"].as_str(),
+                Some("service_healthy"),
+                "{proxy} starts once {member} is healthy"
+            );
+        }
+
+        let port = env("PROXY_PORT");
+        assert!(
+            host_ports.insert(loopback_host_port(&compose, proxy, &port)),
+            "{proxy}: a host port of its own"
+        );
+        let test: Vec<&str> = service["healthcheck"]["test"]
+            .as_sequence()
+            .expect("healthcheck test")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            test.iter()
+                .any(|a| a.contains(&format!("127.0.0.1:{port}/ready"))),
+            "{proxy}: the health check asks /ready: {test:?}"
+        );
+        let grace = service["stop_grace_period"]
+            .as_str()
+            .expect("stop_grace_period");
+        assert!(
+            seconds(grace) > clap_default("PROXY_SHUTDOWN_GRACE").parse().unwrap(),
+            "{proxy}: stop_grace_period {grace} leaves in-flight requests their grace"
+        );
+    }
+    assert_published_on_loopback_only(&compose);
+
+    // The README's commands name this compose file and the ports it publishes.
+    let readme = read(&format!("{FLEET}/README.md"));
+    assert!(
+        readme.contains(&format!(
+            "docker compose -f {FLEET}/docker-compose.yml up --build -d"
+        )),
+        "{FLEET}/README.md says how to bring the fleet up"
+    );
+    for port in &host_ports {
+        assert!(readme.contains(port.as_str()), "README names port {port}");
+    }
+}
+
+#[test]
+fn fleet_compose_and_env_example_hold_no_secret() {
+    assert_holds_no_secret(FLEET);
+}
+
+/// Every `DATABRICKS_*`, `PROXY_*` and `PAT_*` name in `text`, comments included.
+fn setting_names(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| {
+            ["DATABRICKS_", "PROXY_", "PAT_"]
+                .iter()
+                .any(|prefix| word.starts_with(prefix))
+                && word
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn compose_files_name_only_settings_the_proxy_has() {
+    let command = Cli::command();
+    let settings: BTreeSet<String> = command
+        .get_arguments()
+        .filter_map(|arg| arg.get_env())
+        .map(|env| env.to_string_lossy().into_owned())
+        .collect();
+    // Until the proxy has the fleet's settings, their names are not checked against it; once
+    // it has `PAT_COORDINATION`, every one of them must exist.
+    let fleet_pending = !settings.contains("PAT_COORDINATION");
+    for file in [
+        "deploy/docker-compose.yml",
+        "deploy/fleet/docker-compose.yml",
+    ] {
+        let unknown: Vec<String> = setting_names(&read(file))
+            .into_iter()
+            // Secrets are read from the environment only, without a flag.
+            .filter(|name| !settings.contains(name) && !is_secret_name(name))
+            .filter(|name| {
+                let fleet = name == "PAT_COORDINATION" || name.starts_with("PAT_ETCD_");
+                if fleet && fleet_pending {
+                    eprintln!("{file}: {name} is not a setting of this build yet");
+                }
+                !(fleet && fleet_pending)
+            })
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} names variables the proxy does not read: {unknown:?}"
+        );
     }
 }

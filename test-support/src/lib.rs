@@ -1,12 +1,15 @@
 //! Test support for fresh-proxy's crates: a fake Databricks workspace on `127.0.0.1:0`
 //! ([`fake_workspace`]), log capture that lets a test assert no secret was logged ([`logs`]),
-//! and small HTTP helpers for talking to local test servers.
+//! a real etcd and process signals for the fleet tests (`etcd`, Unix only), and small HTTP
+//! helpers for talking to local test servers.
 //!
 //! A dev-dependency only: nothing here ships in the proxy.
 
 // A fake server answers early with `Err(Response)`; `missing_docs` is not asked of test code.
 #![allow(clippy::result_large_err)]
 
+#[cfg(unix)]
+pub mod etcd;
 pub mod fake_workspace;
 pub mod logs;
 
