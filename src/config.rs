@@ -126,14 +126,9 @@ pub struct Cli {
         value_name = "SECONDS"
     )]
     pub pat_idle_after: u64,
-    /// Seconds between publishing a new token and revoking the old one
-    #[arg(
-        long,
-        env = "PAT_REVOKE_GRACE",
-        default_value_t = 30,
-        value_name = "SECONDS"
-    )]
-    pub pat_revoke_grace: u64,
+    /// Seconds between publishing a new token and revoking the old one [default: 30, or the lifetime minus the interval where that is less]
+    #[arg(long, env = "PAT_REVOKE_GRACE", value_name = "SECONDS")]
+    pub pat_revoke_grace: Option<u64>,
     /// Comment on minted tokens
     #[arg(long, env = "PAT_COMMENT", default_value = "fresh-proxy-auto-rotated")]
     pub pat_comment: String,
@@ -165,6 +160,9 @@ pub struct Cli {
     #[arg(long, env = "PROXY_STREAM_USAGE", value_enum, default_value = "keep")]
     pub proxy_stream_usage: StreamUsage,
 }
+
+/// `PAT_REVOKE_GRACE` unless the lifetime leaves less.
+const DEFAULT_REVOKE_GRACE: u64 = 30;
 
 /// Who rotates: `PAT_COORDINATION` and the etcd settings. `PAT_ETCD_PASSWORD` is read from the
 /// environment only.
@@ -735,12 +733,14 @@ impl Config {
                     ),
                 ));
             }
-            if cli.pat_revoke_grace >= cli.pat_token_lifetime {
+            if let Some(grace) = cli.pat_revoke_grace
+                && grace >= cli.pat_token_lifetime
+            {
                 return Err(ConfigError::var(
                     "PAT_REVOKE_GRACE",
                     format!(
-                        "{} s must be below PAT_TOKEN_LIFETIME ({} s)",
-                        cli.pat_revoke_grace, cli.pat_token_lifetime
+                        "{grace} s must be below PAT_TOKEN_LIFETIME ({} s)",
+                        cli.pat_token_lifetime
                     ),
                 ));
             }
@@ -799,7 +799,15 @@ impl Config {
                 idle_policy: cli.pat_idle_policy,
                 sessions_url,
                 idle_after: Duration::from_secs(cli.pat_idle_after),
-                revoke_grace: Duration::from_secs(cli.pat_revoke_grace),
+                revoke_grace: Duration::from_secs(cli.pat_revoke_grace.unwrap_or_else(|| {
+                    // The replaced token expires by itself that long after its successor: a
+                    // longer grace could not be used, and would fail the check above.
+                    DEFAULT_REVOKE_GRACE.min(
+                        cli.pat_token_lifetime
+                            .saturating_sub(cli.pat_rotation_interval)
+                            .max(1),
+                    )
+                })),
                 comment: cli.pat_comment.clone(),
                 sinks: cli.pat_sinks.clone().filter(|s| !s.trim().is_empty()),
                 revoke_bootstrap: cli.pat_revoke_bootstrap,
@@ -1494,6 +1502,190 @@ mod tests {
                 (Err(err), Ok(_)) => panic!("{}: unexpected error {err}", case.name),
             }
         }
+    }
+
+    #[test]
+    fn the_default_revoke_grace_fits_the_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".databrickscfg"), GOOD).unwrap();
+        let grace = |args: &[&str]| {
+            let argv = std::iter::once("fresh-proxy").chain(args.iter().copied());
+            Config::load(
+                &Cli::try_parse_from(argv).unwrap(),
+                &Secrets::default(),
+                Some(dir.path().to_owned()),
+            )
+            .map(|c| c.rotation.revoke_grace.as_secs())
+            .map_err(|e| e.to_string())
+        };
+        let lifetime = |l: &'static str, i: &'static str| {
+            ["--pat-token-lifetime", l, "--pat-rotation-interval", i]
+        };
+        assert_eq!(grace(&[]), Ok(30), "the usual default");
+        assert_eq!(
+            grace(&lifetime("30", "10")),
+            Ok(20),
+            "what the old token has left"
+        );
+        assert_eq!(grace(&lifetime("60", "10")), Ok(30));
+        let mut explicit = lifetime("30", "10").to_vec();
+        explicit.extend(["--pat-revoke-grace", "25"]);
+        assert_eq!(grace(&explicit), Ok(25), "an explicit grace is kept");
+        let mut too_long = lifetime("30", "10").to_vec();
+        too_long.extend(["--pat-revoke-grace", "30"]);
+        let err = grace(&too_long).unwrap_err();
+        assert!(err.contains("PAT_REVOKE_GRACE"), "{err}");
+    }
+
+    #[test]
+    fn fleet_settings_table() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".databrickscfg"), GOOD).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "pem").unwrap();
+        let load = |args: &[&str], password: Option<&str>| {
+            let argv = std::iter::once("fresh-proxy").chain(args.iter().copied());
+            let mut env = std::collections::BTreeMap::new();
+            if let Some(password) = password {
+                env.insert("PAT_ETCD_PASSWORD".to_owned(), password.to_owned());
+            }
+            let secrets = Secrets {
+                token: None,
+                client_secret: None,
+                env: Environment(env),
+            };
+            Config::load(
+                &Cli::try_parse_from(argv).unwrap(),
+                &secrets,
+                Some(dir.path().to_owned()),
+            )
+        };
+        let ca = dir.path().join("ca.pem");
+        let ca = ca.to_str().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let missing = missing.to_str().unwrap();
+        let etcd = ["--pat-coordination", "etcd"];
+        let with = |more: &[&'static str]| -> Vec<String> {
+            etcd.iter().chain(more).map(|s| (*s).to_owned()).collect()
+        };
+        let errors: Vec<(&str, Vec<String>, Option<&str>, &[&str])> = vec![
+            (
+                "no endpoints",
+                with(&[]),
+                None,
+                &["PAT_ETCD_ENDPOINTS", "http://"],
+            ),
+            (
+                "not a URL",
+                with(&["--pat-etcd-endpoints", "etcd1:2379"]),
+                None,
+                &["PAT_ETCD_ENDPOINTS", "etcd1:2379"],
+            ),
+            (
+                "a lease too short to renew",
+                with(&[
+                    "--pat-etcd-endpoints",
+                    "http://e:2379",
+                    "--pat-etcd-lease-ttl",
+                    "1",
+                ]),
+                None,
+                &["PAT_ETCD_LEASE_TTL"],
+            ),
+            (
+                "a certificate without its key",
+                with(&["--pat-etcd-endpoints", "https://e:2379", "--pat-etcd-cert"])
+                    .into_iter()
+                    .chain([ca.to_owned()])
+                    .collect(),
+                None,
+                &["PAT_ETCD_KEY"],
+            ),
+            (
+                "a CA file that is not there",
+                with(&["--pat-etcd-endpoints", "https://e:2379", "--pat-etcd-ca"])
+                    .into_iter()
+                    .chain([missing.to_owned()])
+                    .collect(),
+                None,
+                &["PAT_ETCD_CA", "missing.pem"],
+            ),
+            (
+                "TLS with a plain URL",
+                with(&["--pat-etcd-endpoints", "http://e:2379", "--pat-etcd-ca"])
+                    .into_iter()
+                    .chain([ca.to_owned()])
+                    .collect(),
+                None,
+                &["PAT_ETCD_ENDPOINTS", "https://"],
+            ),
+            (
+                "a user without a password",
+                with(&[
+                    "--pat-etcd-endpoints",
+                    "http://e:2379",
+                    "--pat-etcd-user",
+                    "fleet",
+                ]),
+                None,
+                &["PAT_ETCD_PASSWORD"],
+            ),
+            (
+                "a password without a user",
+                with(&["--pat-etcd-endpoints", "http://e:2379"]),
+                Some("etcd-secret-value"),
+                &["PAT_ETCD_USER"],
+            ),
+            (
+                "etcd without PAT rotation",
+                with(&[
+                    "--pat-etcd-endpoints",
+                    "http://e:2379",
+                    "--pat-rotation",
+                    "off",
+                ]),
+                None,
+                &["PAT_COORDINATION", "PAT_ROTATION"],
+            ),
+        ];
+        for (name, args, password, needles) in errors {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let message = load(&args, password).expect_err(name).to_string();
+            for needle in needles {
+                assert!(
+                    message.contains(needle),
+                    "{name}: {message:?} lacks {needle:?}"
+                );
+            }
+            assert!(!message.contains("etcd-secret-value"), "{name}: {message}");
+        }
+
+        let config = load(
+            &[
+                "--pat-coordination",
+                "etcd",
+                "--pat-etcd-endpoints",
+                " https://e1:2379, https://e2:2379 ,",
+                "--pat-etcd-prefix",
+                "fresh-proxy/team",
+                "--pat-etcd-ca",
+                ca,
+                "--pat-etcd-user",
+                "fleet",
+            ],
+            Some("etcd-secret-value"),
+        )
+        .unwrap();
+        let settings = config.rotation.etcd.expect("etcd settings");
+        assert_eq!(settings.endpoints, ["https://e1:2379", "https://e2:2379"]);
+        assert_eq!(settings.prefix.as_deref(), Some("fresh-proxy/team"));
+        assert_eq!(settings.lease_ttl, Duration::from_secs(10));
+        assert_eq!(
+            settings.user.as_ref().map(|(u, _)| u.as_str()),
+            Some("fleet")
+        );
+        assert!(!format!("{settings:?}").contains("etcd-secret-value"));
+        let file = load(&[], None).unwrap();
+        assert!(file.rotation.etcd.is_none(), "file coordination by default");
     }
 
     #[test]
