@@ -131,7 +131,7 @@ impl Engine {
             member: coordination.member().to_owned(),
             coordination,
             leading: false,
-            clock: system_clock,
+            clock: system_clock(),
             held: None,
             revokes: Vec::new(),
             revoke_attempts: HashMap::new(),
@@ -1215,10 +1215,10 @@ pub struct LockError {
 }
 
 /// What the engine reads the time from.
-pub(super) type Clock = fn() -> SystemTime;
+pub(super) type Clock = std::sync::Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
-fn system_clock() -> SystemTime {
-    SystemTime::now()
+fn system_clock() -> Clock {
+    std::sync::Arc::new(SystemTime::now)
 }
 
 fn saved_from_record(record: &TokenRecord) -> SavedToken {
@@ -1276,5 +1276,262 @@ async fn sleep(duration: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
         () = tokio::time::sleep(duration) => true,
         () = cancel.cancelled() => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use fresh_test_support::fake_workspace::FakeWorkspace;
+    use futures_util::future::BoxFuture;
+
+    use super::*;
+    use crate::token::status::TokenStatus;
+
+    /// A coordination backend whose leadership and record are what the test says.
+    #[derive(Clone, Debug, Default)]
+    struct Scripted(Arc<Mutex<Script>>);
+
+    #[derive(Debug, Default)]
+    struct Script {
+        leads: bool,
+        refuse: bool,
+        record: Option<TokenRecord>,
+        published: Vec<String>,
+    }
+
+    impl Scripted {
+        fn with(change: impl FnOnce(&mut Script)) -> Self {
+            let scripted = Self::default();
+            scripted.set(change);
+            scripted
+        }
+
+        fn set(&self, change: impl FnOnce(&mut Script)) {
+            change(&mut self.0.lock().unwrap());
+        }
+    }
+
+    impl Coordination for Scripted {
+        fn backend(&self) -> Backend {
+            Backend::Etcd
+        }
+
+        fn member(&self) -> &str {
+            "member-under-test"
+        }
+
+        fn poll_leadership(&mut self) -> std::io::Result<bool> {
+            Ok(self.0.lock().unwrap().leads)
+        }
+
+        fn publish<'a>(
+            &'a mut self,
+            record: &'a TokenRecord,
+        ) -> BoxFuture<'a, Result<(), PublishError>> {
+            let mut script = self.0.lock().unwrap();
+            let outcome = if script.leads && !script.refuse {
+                script.published.push(record.token_id.clone());
+                script.record = Some(record.clone());
+                Ok(())
+            } else {
+                Err(PublishError::Deposed)
+            };
+            Box::pin(async move { outcome })
+        }
+
+        fn published(&self) -> Option<TokenRecord> {
+            self.0.lock().unwrap().record.clone()
+        }
+
+        fn unreachable(&self) -> Option<String> {
+            None
+        }
+
+        fn resign(&mut self) -> BoxFuture<'_, ()> {
+            self.0.lock().unwrap().leads = false;
+            Box::pin(async {})
+        }
+    }
+
+    fn engine(home: &std::path::Path, ws: &FakeWorkspace, coordination: &Scripted) -> Engine {
+        let config = RotatorConfig {
+            config_file: home.join(".databrickscfg"),
+            profile: "DEFAULT".to_owned(),
+            host: ws.url(),
+            lifetime: Duration::from_secs(60),
+            interval: Duration::from_secs(20),
+            idle_policy: super::super::IdlePolicy::Keepalive,
+            sessions_url: None,
+            idle_after: Duration::from_secs(3600),
+            revoke_grace: Duration::from_secs(5),
+            comment: "fresh-proxy-auto-rotated".to_owned(),
+            sinks: Vec::new(),
+            revoke_bootstrap: false,
+        };
+        rustls::crypto::ring::default_provider()
+            .install_default()
+            .ok();
+        Engine::new(
+            config,
+            reqwest::Client::new(),
+            None,
+            StatusCell::new(TokenStatus::new(SourceKind::Rotator)),
+            Metrics::new(),
+            Activity::default(),
+            Some(Box::new(coordination.clone())),
+        )
+        .unwrap()
+    }
+
+    fn home_with(ws: &FakeWorkspace, token: &str) -> tempfile::TempDir {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::write(
+            home.path().join(".databrickscfg"),
+            format!("[DEFAULT]\nhost = {}\ntoken = {token}\n", ws.url()),
+        )
+        .unwrap();
+        home
+    }
+
+    fn file_token(home: &std::path::Path) -> String {
+        databrickscfg::read_profile(&home.join(".databrickscfg"), "DEFAULT")
+            .unwrap()
+            .token
+            .unwrap()
+            .expose_secret()
+            .to_owned()
+    }
+
+    fn record_of(issued: &fresh_test_support::fake_workspace::IssuedToken) -> TokenRecord {
+        let expires_at = issued.expiry.unwrap();
+        TokenRecord {
+            token: Token::with_expiry(&issued.value, expires_at).unwrap(),
+            token_id: issued.id.clone(),
+            created_at: expires_at - Duration::from_secs(600),
+            expires_at: Some(expires_at),
+            revokes: Vec::new(),
+            leader: "another-member".to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_follower_serves_and_saves_the_published_record_until_it_expires() {
+        let ws = FakeWorkspace::start().await;
+        let bootstrap = ws.mint(Duration::from_secs(600));
+        let home = home_with(&ws, &bootstrap.value);
+        let coordination = Scripted::default();
+        let mut engine = engine(home.path(), &ws, &coordination);
+        assert!(!engine.is_rotating());
+        assert!(
+            engine
+                .shared
+                .current()
+                .unwrap()
+                .same_secret(&Token::new(&bootstrap.value).unwrap())
+        );
+
+        let published = ws.mint(Duration::from_secs(600));
+        coordination.set(|s| s.record = Some(record_of(&published)));
+        // On a clock past the record's expiry, it is not adopted: the member keeps its token.
+        let expiry = published.expiry.unwrap();
+        engine.clock = Arc::new(move || expiry + Duration::from_secs(1));
+        engine.follow(engine.now());
+        assert_eq!(file_token(home.path()), bootstrap.value);
+
+        engine.clock = Arc::new(SystemTime::now);
+        engine.follow(engine.now());
+        let served = engine.shared.current().unwrap();
+        assert_eq!(served.expose_secret(), published.value);
+        assert_eq!(
+            served.expires_at(),
+            published.expiry.map(|e| from_ms(to_ms(e)))
+        );
+        assert_eq!(
+            file_token(home.path()),
+            published.value,
+            "written to its own file"
+        );
+        let status = engine.status.get();
+        assert_eq!(status.role(), "follower");
+        assert!(!status.persist_failed);
+    }
+
+    #[tokio::test]
+    async fn a_new_leader_carries_on_from_the_record_and_its_pending_revokes() {
+        let ws = FakeWorkspace::start().await;
+        let bootstrap = ws.mint(Duration::from_secs(600));
+        let home = home_with(&ws, &bootstrap.value);
+        let current = ws.mint(Duration::from_secs(600));
+        let previous = ws.mint(Duration::from_secs(600));
+        let mut record = record_of(&current);
+        record.revokes.push(PendingRevoke {
+            token_id: previous.id.clone(),
+            due: SystemTime::now(),
+            expires_at: previous.expiry,
+        });
+        let coordination = Scripted::with(|s| {
+            s.leads = true;
+            s.record = Some(record);
+        });
+        let mut engine = engine(home.path(), &ws, &coordination);
+        assert!(engine.is_rotating());
+        let held = engine.held.clone().unwrap();
+        assert_eq!(held.token.expose_secret(), current.value);
+        assert_eq!(held.token_id.as_deref(), Some(current.id.as_str()));
+        assert_eq!(held.origin, Origin::Minted);
+        assert_eq!(file_token(home.path()), current.value);
+        // The dead leader's pending revoke is now this member's.
+        assert!(engine.revokes.iter().any(|r| r.token_id == previous.id));
+        engine.revoke(&previous.id, SystemTime::now()).await;
+        assert!(!ws.is_live_id(&previous.id), "revoked by the successor");
+        assert!(ws.is_live_id(&current.id));
+        let republished = coordination.published().unwrap();
+        assert!(republished.revokes.is_empty(), "the record says it is done");
+        assert_eq!(republished.leader, "member-under-test");
+    }
+
+    #[tokio::test]
+    async fn a_token_minted_by_a_deposed_leader_is_revoked_and_never_served() {
+        let ws = FakeWorkspace::start().await;
+        let bootstrap = ws.mint(Duration::from_secs(600));
+        let home = home_with(&ws, &bootstrap.value);
+        let coordination = Scripted::with(|s| s.leads = true);
+        let mut engine = engine(home.path(), &ws, &coordination);
+        assert!(engine.is_rotating());
+
+        // Deposed while the mint was on its way.
+        coordination.set(|s| s.refuse = true);
+        engine.rotate().await;
+        assert_eq!(ws.stats().creates, 1, "the mint happened");
+        let minted: Vec<_> = ws
+            .live_tokens()
+            .into_iter()
+            .filter(|t| t.comment == "fresh-proxy-auto-rotated")
+            .collect();
+        assert!(
+            minted.is_empty(),
+            "the unpublished token was revoked: {minted:?}"
+        );
+        assert_eq!(ws.stats().deletes, 1);
+        assert!(!engine.is_rotating(), "it stops rotating");
+        assert_eq!(
+            engine.shared.current().unwrap().expose_secret(),
+            bootstrap.value
+        );
+        assert_eq!(file_token(home.path()), bootstrap.value);
+
+        // A leader whose publication lands serves the new token.
+        coordination.set(|s| s.refuse = false);
+        engine.leading = true;
+        engine.rotate().await;
+        let record = coordination.published().expect("published");
+        assert!(ws.is_live_id(&record.token_id));
+        assert_eq!(
+            engine.shared.current().unwrap().expose_secret(),
+            record.token.expose_secret()
+        );
+        assert_eq!(file_token(home.path()), record.token.expose_secret());
     }
 }
