@@ -1567,7 +1567,14 @@ mod tests {
         let with = |more: &[&'static str]| -> Vec<String> {
             etcd.iter().chain(more).map(|s| (*s).to_owned()).collect()
         };
-        let errors: Vec<(&str, Vec<String>, Option<&str>, &[&str])> = vec![
+        // Name, arguments, PAT_ETCD_PASSWORD, what the message must name.
+        type ErrorCase = (
+            &'static str,
+            Vec<String>,
+            Option<&'static str>,
+            &'static [&'static str],
+        );
+        let errors: Vec<ErrorCase> = vec![
             (
                 "no endpoints",
                 with(&[]),
