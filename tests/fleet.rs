@@ -56,6 +56,17 @@ impl Member {
 
 /// A member with a config file of its own, bootstrapped with `bootstrap`.
 async fn member(ws: &FakeWorkspace, etcd: &str, bootstrap: &IssuedToken, timing: Timing) -> Member {
+    member_with(ws, etcd, bootstrap, timing, &[]).await
+}
+
+/// [`member`] with more settings.
+async fn member_with(
+    ws: &FakeWorkspace,
+    etcd: &str,
+    bootstrap: &IssuedToken,
+    timing: Timing,
+    extra: &[(&str, &str)],
+) -> Member {
     let home = tempfile::tempdir().unwrap();
     std::fs::write(
         home.path().join(".databrickscfg"),
@@ -74,7 +85,8 @@ async fn member(ws: &FakeWorkspace, etcd: &str, bootstrap: &IssuedToken, timing:
         .env("PAT_ETCD_ENDPOINTS", etcd)
         .env("PAT_ETCD_PREFIX", PREFIX)
         .env("PAT_ETCD_LEASE_TTL", timing.lease.to_string())
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        .envs(extra.iter().copied());
     let process = tokio::task::spawn_blocking(move || ProxyProcess::start(cmd))
         .await
         .unwrap();
@@ -442,4 +454,95 @@ async fn a_paused_rotator_cannot_publish_when_it_wakes_and_a_late_member_catches
         record(&etcd).is_some_and(|r| leaked(&ws, &r).is_empty())
     })
     .await;
+}
+
+/// `etcdctl` against `endpoint`, as root once auth is on.
+fn etcdctl(endpoint: &str, args: &[&str]) {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(args)
+        .output()
+        .expect("etcdctl (Debian's etcd-client package) runs");
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_auth_only_members_with_the_password_take_part() {
+    let ws = FakeWorkspace::start().await;
+    let bootstrap = ws.mint(Duration::from_secs(600));
+    let etcd = start_etcd().await;
+    let endpoint = etcd.endpoint();
+    let password = "etcd-password-7f3a";
+    tokio::task::block_in_place(|| {
+        etcdctl(
+            &endpoint,
+            &["user", "add", "root", "--new-user-password", password],
+        );
+        etcdctl(&endpoint, &["user", "grant-role", "root", "root"]);
+        etcdctl(&endpoint, &["auth", "enable"]);
+    });
+
+    // A member with the wrong password cannot join: it serves its token, degraded, and never
+    // mints.
+    let intruder = member_with(
+        &ws,
+        &endpoint,
+        &bootstrap,
+        TIMING,
+        &[
+            ("PAT_ETCD_USER", "root"),
+            ("PAT_ETCD_PASSWORD", "not-the-password"),
+        ],
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(15),
+        "the intruder reports etcd refusing it",
+        || async { health(&intruder.url()).await["token"]["coordination_error"].is_string() },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        ws.stats().creates,
+        0,
+        "a member without the password minted"
+    );
+    let h = health(&intruder.url()).await;
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["token"]["role"], "follower", "{h}");
+
+    let mut good = member_with(
+        &ws,
+        &endpoint,
+        &bootstrap,
+        TIMING,
+        &[("PAT_ETCD_USER", "root"), ("PAT_ETCD_PASSWORD", password)],
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(30),
+        "the member with the password rotates",
+        || async { ws.stats().creates >= 2 },
+    )
+    .await;
+    let h = health(&good.url()).await;
+    assert_eq!(h["token"]["role"], "rotator", "{h}");
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(health(&intruder.url()).await["token"]["role"], "follower");
+    // The intruder never learns the fleet's token.
+    let current = good.config_token().unwrap();
+    assert_ne!(intruder.config_token().as_deref(), Some(current.as_str()));
+    good.process.kill();
+    for log in [good.process.logs(), intruder.process.logs()] {
+        assert!(
+            !log.contains(password),
+            "the etcd password reached the logs"
+        );
+        assert!(!log.contains(&current), "a token reached the logs");
+    }
 }
