@@ -724,6 +724,12 @@ impl Engine {
         let Some(held) = self.held.clone() else {
             return;
         };
+        // A token that could not be published would only be revoked again: mint once the
+        // coordination backend answers.
+        if self.coordination.unreachable().is_some() {
+            self.retry_at = Some(self.now() + self.poll);
+            return;
+        }
         if self.config.revoke_bootstrap
             && held.origin != Origin::Minted
             && self.bootstrap == Bootstrap::NotChecked
@@ -1297,6 +1303,7 @@ mod tests {
     struct Script {
         leads: bool,
         refuse: bool,
+        unreachable: Option<String>,
         record: Option<TokenRecord>,
         published: Vec<String>,
     }
@@ -1346,7 +1353,7 @@ mod tests {
         }
 
         fn unreachable(&self) -> Option<String> {
-            None
+            self.0.lock().unwrap().unreachable.clone()
         }
 
         fn resign(&mut self) -> BoxFuture<'_, ()> {
@@ -1500,6 +1507,17 @@ mod tests {
         let coordination = Scripted::with(|s| s.leads = true);
         let mut engine = engine(home.path(), &ws, &coordination);
         assert!(engine.is_rotating());
+
+        // While the backend cannot be reached, nothing is minted: it could not be published.
+        coordination.set(|s| s.unreachable = Some("etcd cannot be reached".to_owned()));
+        engine.rotate().await;
+        assert_eq!(
+            ws.stats().creates,
+            0,
+            "minted without a backend to publish to"
+        );
+        assert!(engine.retry_at.is_some());
+        coordination.set(|s| s.unreachable = None);
 
         // Deposed while the mint was on its way.
         coordination.set(|s| s.refuse = true);

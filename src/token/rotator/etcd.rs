@@ -223,6 +223,15 @@ impl Coordination for EtcdCoordination {
                     (Some(term), Some(client), Some(prefix)) if Instant::now() < term.until => {
                         (term, client, prefix)
                     }
+                    // Still the leader, but etcd cannot be asked right now.
+                    (Some(term), None, _) if Instant::now() < term.until => {
+                        return Err(PublishError::Unavailable(
+                            shared
+                                .error
+                                .clone()
+                                .unwrap_or_else(|| "etcd cannot be reached".into()),
+                        ));
+                    }
                     _ => return Err(PublishError::Deposed),
                 }
             };
