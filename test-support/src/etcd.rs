@@ -56,7 +56,21 @@ pub struct EtcdServer {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// A second client listener with TLS, for [`EtcdServer::start_with_tls`].
+    tls: Option<(u16, TlsFiles)>,
     child: Option<Child>,
+}
+
+/// PEM files for etcd's TLS client listener: its certificate and key, and the CA that client
+/// certificates must be signed by (`--client-cert-auth`).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// The server certificate (with `127.0.0.1` among its names).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The CA of client certificates.
+    pub client_ca: PathBuf,
 }
 
 impl EtcdServer {
@@ -68,6 +82,18 @@ impl EtcdServer {
     /// When `etcd` is not installed, or does not become healthy within 20 s (its log's tail is
     /// in the message).
     pub fn start() -> Self {
+        Self::start_inner(None)
+    }
+
+    /// [`start`](Self::start), with a second client listener on another free port that speaks
+    /// TLS with `tls` and accepts only clients with a certificate signed by its client CA:
+    /// [`tls_endpoint`](Self::tls_endpoint). The plain listener stays, for the test's own
+    /// reads and health checks.
+    pub fn start_with_tls(tls: TlsFiles) -> Self {
+        Self::start_inner(Some(tls))
+    }
+
+    fn start_inner(tls: Option<TlsFiles>) -> Self {
         let binary = etcd_binary();
         let dir = tempfile::Builder::new()
             .prefix("etcd-test-")
@@ -85,6 +111,7 @@ impl EtcdServer {
             name,
             client_port,
             peer_port,
+            tls: tls.map(|files| (free_ports().0, files)),
             child: None,
         };
         for attempt in 1..=START_ATTEMPTS {
@@ -95,6 +122,9 @@ impl EtcdServer {
                     // The member directory names the old ports: start over from nothing.
                     let _ = std::fs::remove_dir_all(server.data_dir());
                     (server.client_port, server.peer_port) = free_ports();
+                    if let Some((port, _)) = &mut server.tls {
+                        *port = free_ports().0;
+                    }
                 }
                 Err(Failure::PortTaken(log) | Failure::Other(log)) => {
                     panic!("etcd did not start:\n{log}")
@@ -167,6 +197,16 @@ impl EtcdServer {
     /// `http://127.0.0.1:PORT`, the client URL: a value for `PAT_ETCD_ENDPOINTS`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.client_addr())
+    }
+
+    /// `https://127.0.0.1:PORT`, the TLS client URL of [`start_with_tls`](Self::start_with_tls).
+    ///
+    /// # Panics
+    ///
+    /// When the server was started without TLS.
+    pub fn tls_endpoint(&self) -> String {
+        let (port, _) = self.tls.as_ref().expect("started with TLS");
+        format!("https://127.0.0.1:{port}")
     }
 
     /// The client address.
@@ -245,6 +285,10 @@ impl EtcdServer {
             .expect("open etcd's log file");
         let logged_before = log.metadata().map_or(0, |meta| meta.len());
         let client = self.endpoint();
+        let listen = match &self.tls {
+            Some((port, _)) => format!("{client},https://127.0.0.1:{port}"),
+            None => client.clone(),
+        };
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut command = Command::new(binary);
         command
@@ -252,8 +296,8 @@ impl EtcdServer {
             .arg(&self.name)
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args(["--listen-client-urls", &client])
-            .args(["--advertise-client-urls", &client])
+            .args(["--listen-client-urls", &listen])
+            .args(["--advertise-client-urls", &listen])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("{}={peer}", self.name)])
@@ -270,6 +314,16 @@ impl EtcdServer {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone etcd's log file"))
             .stderr(log);
+        if let Some((_, files)) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&files.cert)
+                .arg("--key-file")
+                .arg(&files.key)
+                .arg("--trusted-ca-file")
+                .arg(&files.client_ca)
+                .arg("--client-cert-auth");
+        }
         // etcd 3.4 refuses to run on arm64 unless told that it may.
         if cfg!(target_arch = "aarch64") {
             command.env("ETCD_UNSUPPORTED_ARCH", "arm64");
