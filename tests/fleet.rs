@@ -6,15 +6,14 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::binary::{ProxyProcess, command};
 use common::etcd::{self, EtcdServer};
 use common::fake_workspace::{FakeWorkspace, IssuedToken, TokenKind};
-use common::{JsonBody, http_client, wait_until};
-use serde_json::{Value, json};
+use common::load::Load;
+use common::wait_until;
+use serde_json::Value;
 
 const COMMENT: &str = "fresh-proxy-auto-rotated";
 const PREFIX: &str = "fresh-proxy/test-fleet";
@@ -140,58 +139,6 @@ fn leaked(ws: &FakeWorkspace, record: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Clients sending chat requests through every URL until stopped; they return the statuses of
-/// the requests that failed.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    clients: Vec<tokio::task::JoinHandle<Vec<u16>>>,
-}
-
-impl Load {
-    fn start(urls: &[String]) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let clients = urls
-            .iter()
-            .map(|url| {
-                let (stop, ok, url) = (stop.clone(), ok.clone(), url.clone());
-                tokio::spawn(async move {
-                    let client = http_client();
-                    let mut failures = Vec::new();
-                    let deadline = Instant::now() + Duration::from_secs(180);
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let res = client
-                            .post(format!("{url}/chat/invocations"))
-                            .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
-                            .send()
-                            .await;
-                        match res.map(|r| r.status().as_u16()) {
-                            Ok(200) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(status) => failures.push(status),
-                            Err(_) => failures.push(0),
-                        }
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    failures
-                })
-            })
-            .collect();
-        Self { stop, ok, clients }
-    }
-
-    async fn finish(self) -> (usize, Vec<u16>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut failures = Vec::new();
-        for client in self.clients {
-            failures.extend(client.await.unwrap());
-        }
-        (self.ok.load(Ordering::Relaxed), failures)
-    }
-}
-
 fn assert_no_failures(served: usize, failures: &[u16], what: &str) {
     assert!(
         failures.is_empty(),
@@ -254,7 +201,7 @@ async fn three_members_then_kill_the_rotator(timing: Timing, phase: Option<Durat
     }
 
     let urls: Vec<String> = members.iter().map(Member::url).collect();
-    let load = Load::start(&urls);
+    let load = Load::start(&urls, 1);
     let started = Instant::now();
     match phase {
         Some(phase) => tokio::time::sleep(phase).await,
@@ -298,7 +245,7 @@ async fn three_members_then_kill_the_rotator(timing: Timing, phase: Option<Durat
     let survivors: Vec<&Member> = members.iter().collect();
     let urls: Vec<String> = members.iter().map(Member::url).collect();
     let before = ws.stats().creates;
-    let load = Load::start(&urls);
+    let load = Load::start(&urls, 1);
     let started = Instant::now();
     match phase {
         Some(phase) => tokio::time::sleep(phase).await,
@@ -363,7 +310,7 @@ async fn etcd_going_away_stops_minting_not_serving_and_its_return_resumes_rotati
     .await;
     all_hold_the_record(&ws, &etcd, &[&a, &b]).await;
 
-    let load = Load::start(&[a.url(), b.url()]);
+    let load = Load::start(&[a.url(), b.url()], 1);
     tokio::task::block_in_place(|| etcd.stop());
     // Past the lease, no member may mint any more.
     tokio::time::sleep(Duration::from_secs(u64::from(timing.lease) + 1)).await;

@@ -3,12 +3,11 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::binary::{ProxyProcess, command};
 use common::fake_workspace::{FakeWorkspace, TokenKind};
+use common::load::Load;
 use common::{JsonBody, http_client, wait_until};
 use serde_json::{Value, json};
 
@@ -62,57 +61,6 @@ fn live_minted(ws: &FakeWorkspace) -> usize {
         .count()
 }
 
-/// Client loops that keep sending chat requests through `url` until stopped; they return the
-/// statuses of the requests that failed.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    clients: Vec<tokio::task::JoinHandle<Vec<u16>>>,
-}
-
-impl Load {
-    fn start(url: &str, clients: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let clients = (0..clients)
-            .map(|_| {
-                let (stop, ok, url) = (stop.clone(), ok.clone(), url.to_owned());
-                tokio::spawn(async move {
-                    let client = http_client();
-                    let mut failures = Vec::new();
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let res = client
-                            .post(format!("{url}/chat/invocations"))
-                            .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
-                            .send()
-                            .await;
-                        match res.map(|r| r.status().as_u16()) {
-                            Ok(200) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(status) => failures.push(status),
-                            Err(_) => failures.push(0),
-                        }
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    failures
-                })
-            })
-            .collect();
-        Self { stop, ok, clients }
-    }
-
-    async fn finish(self) -> (usize, Vec<u16>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut failures = Vec::new();
-        for client in self.clients {
-            failures.extend(client.await.unwrap());
-        }
-        (self.ok.load(Ordering::Relaxed), failures)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_rotations_under_load_fail_no_request() {
     let ws = FakeWorkspace::start().await;
@@ -121,7 +69,7 @@ async fn ten_rotations_under_load_fail_no_request() {
     let cfg = home.path().join(".databrickscfg");
     let mut proxy = start(rotating_proxy(home.path(), &bootstrap.value, 4, 1, 1)).await;
 
-    let load = Load::start(&proxy.url(), 4);
+    let load = Load::start(&[proxy.url()], 4);
     wait_until(Duration::from_secs(60), "ten rotations", || async {
         ws.stats().creates >= 11
     })
@@ -256,7 +204,7 @@ async fn two_instances_one_rotates_and_the_other_takes_over() {
     assert_eq!(health(&b.url()).await["token"]["role"], "follower");
 
     // The follower serves with the leader's tokens through rotations.
-    let load = Load::start(&b.url(), 2);
+    let load = Load::start(&[b.url()], 2);
     let creates = ws.stats().creates;
     wait_until(
         Duration::from_secs(30),

@@ -6,6 +6,7 @@
 
 pub mod binary;
 pub mod harness;
+pub mod load;
 #[cfg(unix)]
 pub mod unprivileged;
 
