@@ -93,6 +93,7 @@ impl Upstream {
 /// A private CA and a server certificate it issued for `workspace.example` and `127.0.0.1`.
 struct Pki {
     root: CertificateDer<'static>,
+    root_pem: String,
     chain: Vec<CertificateDer<'static>>,
     key: Vec<u8>,
 }
@@ -114,6 +115,7 @@ fn pki() -> Pki {
         .unwrap();
     Pki {
         root: root.der().clone(),
+        root_pem: root.pem(),
         chain: vec![leaf.der().clone()],
         key: key.serialize_der(),
     }
@@ -641,4 +643,57 @@ async fn a_streamed_request_body_still_meets_the_size_limit() {
         .unwrap();
     assert_eq!(res.status(), 413);
     assert_eq!(json_of(res).await["error"]["type"], "request_too_large");
+}
+
+/// The binary as a corporate network runs it: `HTTPS_PROXY` with credentials, the private CA in
+/// `SSL_CERT_FILE`, the workspace reachable only through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_takes_its_proxy_and_roots_from_the_environment() {
+    use common::binary::{ProxyProcess, command};
+    let pki = pki();
+    let upstream = Upstream::default();
+    let addr = serve_tls(&upstream, &pki, &[b"h2", b"http/1.1"]).await;
+    let proxy = HttpProxy::start(addr, "corp-user:env-s3cret").await;
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join(".databrickscfg"),
+        format!("[DEFAULT]\nhost = https://workspace.example\ntoken = {TOKEN}\n"),
+    )
+    .unwrap();
+    let ca_file = home.path().join("corp-ca.pem");
+    std::fs::write(&ca_file, &pki.root_pem).unwrap();
+    let mut cmd = command(home.path());
+    cmd.env("PAT_ROTATION", "off")
+        .env("RUST_LOG", "trace")
+        .env("HTTPS_PROXY", proxy.url("corp-user:env-s3cret"))
+        .env("NO_PROXY", "localhost")
+        .env("SSL_CERT_FILE", &ca_file);
+    let running = tokio::task::spawn_blocking(move || ProxyProcess::start(cmd))
+        .await
+        .unwrap();
+    let res = http_client()
+        .post(format!("{}/chat/invocations", running.url()))
+        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", running.logs());
+    assert_eq!(json_of(res).await["version"], "HTTP/2.0");
+    let heads = proxy.heads();
+    assert!(
+        heads
+            .iter()
+            .any(|h| h.starts_with("CONNECT workspace.example:443 HTTP/1.1\r\n")),
+        "{heads:?}"
+    );
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .any(|s| s.path == "/serving-endpoints/chat/invocations")
+    );
+    let logs = running.logs();
+    for secret in ["env-s3cret", &base64_of("corp-user:env-s3cret"), TOKEN] {
+        assert!(!logs.contains(secret), "{secret} in the logs");
+    }
 }
