@@ -49,45 +49,70 @@ struct Upstream {
 }
 
 impl Upstream {
+    /// A chat stream at `/serving-endpoints/sse/...` (a tool call under the name Databricks
+    /// gives it, which the proxy must restore); JSON saying what it saw anywhere else.
     fn router(&self) -> Router {
         let seen = Arc::clone(&self.seen);
-        Router::new().fallback(move |req: Request| {
-            let seen = Arc::clone(&seen);
-            async move {
-                let entry = {
-                    let header = |name: &str| {
-                        req.headers()
-                            .get(name)
-                            .map(|v| v.to_str().unwrap().to_owned())
+        let sse = Router::new().fallback(tool_call_stream);
+        Router::new()
+            .nest("/serving-endpoints/sse", sse)
+            .fallback(move |req: Request| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    let entry = {
+                        let header = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .map(|v| v.to_str().unwrap().to_owned())
+                        };
+                        Seen {
+                            version: req.version(),
+                            path: req.uri().path().to_owned(),
+                            authorization: header("authorization"),
+                            accept_encoding: header("accept-encoding"),
+                        }
                     };
-                    Seen {
-                        version: req.version(),
-                        path: req.uri().path().to_owned(),
-                        authorization: header("authorization"),
-                        accept_encoding: header("accept-encoding"),
+                    // As a model endpoint does: the whole request is read before the answer.
+                    if axum::body::to_bytes(req.into_body(), usize::MAX)
+                        .await
+                        .is_err()
+                    {
+                        return http::StatusCode::BAD_REQUEST.into_response();
                     }
-                };
-                // As a model endpoint does: the whole request is read before the answer.
-                if axum::body::to_bytes(req.into_body(), usize::MAX)
-                    .await
-                    .is_err()
-                {
-                    return http::StatusCode::BAD_REQUEST.into_response();
-                }
-                seen.lock().unwrap().push(entry.clone());
-                axum::Json(json!({
+                    seen.lock().unwrap().push(entry.clone());
+                    axum::Json(json!({
                     "version": format!("{:?}", entry.version),
                     "path": entry.path,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}}],
                 }))
                 .into_response()
-            }
-        })
+                }
+            })
     }
 
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+}
+
+/// A streamed chat answer calling a tool, as Databricks names it, in events sent apart.
+async fn tool_call_stream() -> axum::response::Response {
+    use futures_util::StreamExt;
+    let events = [
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"databricks-tool-call\",\"arguments\":\"\"}}]}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"name\\\":\\\"read_file\\\",\\\"path\\\":\\\"/x\\\"}\"}}]}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: [DONE]\n\n",
+    ];
+    let body = futures_util::stream::iter(events).then(|event| async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Ok::<_, std::io::Error>(Bytes::from_static(event.as_bytes()))
+    });
+    (
+        [("content-type", "text/event-stream")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// A private CA and a server certificate it issued for `workspace.example` and `127.0.0.1`.
@@ -269,13 +294,43 @@ fn options(
     }
 }
 
+/// A client that leaves answers as they come: an encoded answer the proxy failed to decode
+/// shows as such instead of being decoded here.
+fn undecoding_client() -> reqwest::Client {
+    fresh_proxy::install_crypto_provider();
+    reqwest::Client::builder()
+        .no_proxy()
+        .no_gzip()
+        .no_deflate()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
 async fn chat(proxy: &RunningProxy) -> reqwest::Response {
-    http_client()
+    undecoding_client()
         .post(format!("{}/chat/invocations", proxy.url()))
         .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
         .send()
         .await
         .unwrap()
+}
+
+/// Asks `proxy` for the streamed tool call; its events' data, one a line.
+async fn stream_tool_call(proxy: &RunningProxy) -> String {
+    let res = undecoding_client()
+        .post(format!("{}/sse/invocations", proxy.url()))
+        .json_body(&json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}],
+            "stream": true
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("content-encoding").is_none());
+    SseReader::new(res).collect_data().await.join("\n")
 }
 
 async fn json_of(res: reqwest::Response) -> Value {
@@ -336,6 +391,9 @@ async fn http2_is_used_where_the_upstream_offers_it_by_alpn() {
         assert_eq!(res.status(), 200);
         assert_eq!(json_of(res).await["version"], "HTTP/2.0");
     }
+    let text = stream_tool_call(&proxy).await;
+    assert!(text.contains("\"name\":\"read_file\""), "{text}");
+    assert!(!text.contains("databricks-tool-call"), "{text}");
     assert!(
         upstream
             .seen()
@@ -468,15 +526,6 @@ async fn compressing_upstream(upstream: &Upstream, gzip: bool) -> String {
         CompressionLayer::new().no_gzip()
     };
     let layer = layer.compress_when(SizeAbove::new(0));
-    let sse = Router::new().fallback(|| async {
-        let stream = concat!(
-            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"databricks-tool-call\",\"arguments\":\"\"}}]}}]}\n\n",
-            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"name\\\":\\\"read_file\\\",\\\"path\\\":\\\"/x\\\"}\"}}]}}]}\n\n",
-            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
-            "data: [DONE]\n\n",
-        );
-        ([("content-type", "text/event-stream")], axum::body::Body::from(stream)).into_response()
-    });
     let seen = Arc::clone(&upstream.seen);
     let record = axum::middleware::from_fn(move |req: Request, next: axum::middleware::Next| {
         let seen = Arc::clone(&seen);
@@ -496,11 +545,7 @@ async fn compressing_upstream(upstream: &Upstream, gzip: bool) -> String {
             res
         }
     });
-    let app = Router::new()
-        .nest("/serving-endpoints/sse", sse)
-        .merge(upstream.router())
-        .layer(layer)
-        .layer(record);
+    let app = upstream.router().layer(layer).layer(record);
     format!("http://{}/serving-endpoints", serve_plain(app).await)
 }
 
@@ -524,18 +569,7 @@ async fn gzip_and_deflate_answers_are_decoded_and_streams_fixed() {
             "gzip {gzip}"
         );
 
-        let res = http_client()
-            .post(format!("{}/sse/invocations", proxy.url()))
-            .json_body(&json!({
-                "messages": [{"role": "user", "content": "hi"}],
-                "tools": [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}],
-                "stream": true
-            }))
-            .send()
-            .await
-            .unwrap();
-        assert!(res.headers().get("content-encoding").is_none());
-        let text = SseReader::new(res).collect_data().await.join("\n");
+        let text = stream_tool_call(&proxy).await;
         assert!(
             text.contains("\"name\":\"read_file\""),
             "gzip {gzip}: {text}"
