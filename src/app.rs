@@ -25,7 +25,9 @@ use tracing::Level;
 use crate::health::{self, HealthState, metrics::Metrics};
 use crate::proxy::guard::{ClientGuardLayer, ClientPolicy};
 use crate::proxy::models::{self, ModelCatalog, ModelsState};
-use crate::proxy::{self, BodyBudget, Forwarder, RateLimits, RouteTable, upstream_client};
+use crate::proxy::{
+    self, BodyBudget, Forwarder, ForwardingClient, RateLimits, RouteTable, upstream_client,
+};
 use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 
 /// Everything [`app`] serves from.
@@ -33,6 +35,8 @@ use crate::token::status::{Activity, SourceKind, StatusCell, TokenStatus};
 pub struct AppState {
     forwarder: Forwarder,
     catalog: ModelCatalog,
+    /// The workspace API client `/models` lists endpoints with.
+    api_client: reqwest::Client,
     source: Arc<dyn TokenSource>,
     status: StatusCell,
     metrics: Metrics,
@@ -106,7 +110,9 @@ impl AppState {
         )
     }
 
-    /// State from parts shared with the rotator: its status cell, metrics and activity.
+    /// State from parts shared with the rotator: its status cell, metrics and activity. `client`
+    /// serves `/models`; requests are forwarded by a [`ForwardingClient`] configured from the
+    /// environment.
     pub fn with_parts(
         settings: ProxySettings,
         source: Arc<dyn TokenSource>,
@@ -122,7 +128,7 @@ impl AppState {
         );
         let forwarder = Forwarder {
             sanitizer: Arc::default(),
-            client,
+            client: ForwardingClient::for_upstream(&settings.upstream_base),
             upstream_base: settings.upstream_base,
             routes: Arc::new(settings.routes),
             rules: Arc::new(settings.rules),
@@ -138,6 +144,7 @@ impl AppState {
         Self {
             forwarder,
             catalog,
+            api_client: client,
             source,
             status,
             metrics,
@@ -152,13 +159,21 @@ impl AppState {
         self
     }
 
+    /// The same state forwarding with `client`, e.g. one that trusts a private CA or takes
+    /// its proxies from elsewhere than the environment.
+    pub fn with_forwarding_client(mut self, client: ForwardingClient) -> Self {
+        self.forwarder.client = client;
+        self
+    }
+
     /// A copy sharing everything (token source, status, metrics, request ids, the filter's
-    /// memory) but the upstream client, which is new. A client's pooled connections are driven
+    /// memory) but the upstream clients, which are new. A client's pooled connections are driven
     /// by tasks on the runtime that opened them, so each runtime serving the app should have its
     /// own: [`crate::server::serve`] builds one copy per worker.
     pub fn for_runtime(&self) -> Self {
         let mut copy = self.clone();
-        copy.forwarder.client = upstream_client(&self.forwarder.upstream_base);
+        copy.forwarder.client = self.forwarder.client.for_runtime();
+        copy.api_client = upstream_client(&self.forwarder.upstream_base);
         copy
     }
 
@@ -172,7 +187,7 @@ impl FromRef<AppState> for ModelsState {
     fn from_ref(app: &AppState) -> Self {
         ModelsState {
             catalog: app.catalog.clone(),
-            client: app.forwarder.client.clone(),
+            client: app.api_client.clone(),
         }
     }
 }

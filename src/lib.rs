@@ -23,5 +23,5 @@ pub mod server;
 pub mod token;
 
 pub use app::{AppState, ProxySettings, app};
-pub use proxy::{install_crypto_provider, upstream_client};
+pub use proxy::{ForwardingClient, ForwardingOptions, install_crypto_provider, upstream_client};
 pub use server::{LISTEN_BACKLOG, listen};

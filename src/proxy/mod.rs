@@ -34,10 +34,9 @@ use bytes::{Bytes, BytesMut};
 use fresh_token::{Token, TokenSource};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use reqwest::Url;
 
-use crate::databricks::error::describe as describe_error;
 use crate::health::metrics::{Metrics, RateLimitOutcome};
 use crate::token::status::Activity;
 use fresh_filter::{ModelRules, RequestContext, RequestSanitizer, ToolContext};
@@ -49,7 +48,8 @@ pub(crate) use rate_limit::RateLimits;
 use rate_limit::{TooLong, endpoint_key};
 
 pub use agent::Agent;
-pub use client::{install_crypto_provider, upstream_client};
+use client::{BoxError, OutgoingBody, UpstreamBody, describe as describe_error};
+pub use client::{ForwardingClient, ForwardingOptions, install_crypto_provider, upstream_client};
 pub use error::ProxyError;
 pub use headers::{CREDENTIAL_HEADERS, client_response_headers, upstream_request_headers};
 pub use routes::{Mode, Refusal, Route, RouteTable};
@@ -57,7 +57,7 @@ pub use routes::{Mode, Refusal, Route, RouteTable};
 /// What the forwarding handler needs.
 #[derive(Clone)]
 pub struct Forwarder {
-    pub(crate) client: reqwest::Client,
+    pub(crate) client: ForwardingClient,
     pub(crate) upstream_base: Url,
     /// Where each request path goes, and how it is handled.
     pub(crate) routes: Arc<RouteTable>,
@@ -102,12 +102,10 @@ impl Outgoing {
         matches!(self, Self::Buffered(_))
     }
 
-    fn next_body(&mut self) -> reqwest::Body {
+    fn next_body(&mut self) -> OutgoingBody {
         match self {
-            Self::Buffered(bytes) => reqwest::Body::from(bytes.clone()),
-            Self::Streaming(body) => {
-                reqwest::Body::wrap_stream(body.take().unwrap_or_default().into_data_stream())
-            }
+            Self::Buffered(bytes) => Either::Left(Full::new(bytes.clone())),
+            Self::Streaming(body) => Either::Right(body.take().unwrap_or_default()),
         }
     }
 }
@@ -341,7 +339,7 @@ impl Forwarder {
         outgoing: &mut Outgoing,
         token: Option<&Token>,
         held: &mut Held,
-    ) -> Result<reqwest::Response, ProxyError> {
+    ) -> Result<http::Response<UpstreamBody>, ProxyError> {
         let limits = &self.rate_limits;
         if !limits.enabled() {
             let upstream = self
@@ -397,7 +395,7 @@ impl Forwarder {
                         RETRY_AFTER,
                         HeaderValue::from(retry_after_secs(retry_after)),
                     );
-                    return Ok(reqwest::Response::from(refusal));
+                    return Ok(refusal.map(|body| Either::Right(Full::new(body))));
                 }
             }
         }
@@ -406,10 +404,9 @@ impl Forwarder {
     /// A small upstream answer read whole (a 429's JSON error), to be relayed later.
     async fn read_refusal(
         &self,
-        upstream: reqwest::Response,
+        upstream: http::Response<UpstreamBody>,
     ) -> Result<http::Response<Bytes>, ProxyError> {
-        let response = http::Response::from(upstream);
-        let (parts, body) = response.into_parts();
+        let (parts, body) = upstream.into_parts();
         let read = Limited::new(body, MAX_REFUSAL_BYTES).collect();
         match tokio::time::timeout(self.upstream_timeout, read).await {
             Ok(Ok(body)) => Ok(http::Response::from_parts(parts, body.to_bytes())),
@@ -422,20 +419,22 @@ impl Forwarder {
         method: &Method,
         url: &Url,
         headers: &HeaderMap,
-        body: reqwest::Body,
+        body: OutgoingBody,
         token: Option<&Token>,
-    ) -> Result<reqwest::Response, ProxyError> {
+    ) -> Result<http::Response<UpstreamBody>, ProxyError> {
         let mut headers = headers.clone();
         if let Some(token) = token {
             headers.insert(http::header::AUTHORIZATION, token.header_value().clone());
         }
-        let request = self
-            .client
-            .request(method.clone(), url.clone())
-            .headers(headers)
-            .body(body);
+        let uri: http::Uri = url.as_str().parse().map_err(|_| {
+            ProxyError::BadRequest("the upstream URL is not a valid request target")
+        })?;
+        let mut request = http::Request::new(body);
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
         let started = Instant::now();
-        let sent = tokio::time::timeout(self.upstream_timeout, request.send()).await;
+        let sent = tokio::time::timeout(self.upstream_timeout, self.client.send(request)).await;
         self.metrics
             .upstream_latency(started.elapsed().as_secs_f64());
         match sent {
@@ -450,7 +449,7 @@ impl Forwarder {
                 limit: self.max_body,
             }),
             Ok(Err(err)) => {
-                tracing::warn!(error = %describe_error(&err), "upstream request failed");
+                tracing::warn!(error = %describe_error(&*err), "upstream request failed");
                 Err(ProxyError::UpstreamUnreachable)
             }
             Ok(Ok(res)) => Ok(res),
@@ -529,8 +528,8 @@ fn is_json_content_type(value: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-fn is_body_limit(err: &reqwest::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+fn is_body_limit(err: &BoxError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&**err);
     while let Some(current) = source {
         if current.is::<LengthLimitError>() {
             return true;

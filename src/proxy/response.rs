@@ -9,8 +9,10 @@ use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use http::HeaderValue;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http_body_util::BodyExt;
 
 use super::agent::Agent;
+use super::client::{BoxError, UpstreamBody};
 use super::describe_error;
 use super::error::ProxyError;
 use super::headers::client_response_headers;
@@ -28,8 +30,8 @@ type UpstreamStream = BoxStream<'static, Result<Bytes, BodyError>>;
 #[derive(Debug, thiserror::Error)]
 enum BodyError {
     /// The connection or the body's encoding failed.
-    #[error("{}", describe_error(.0))]
-    Broke(reqwest::Error),
+    #[error("{}", describe_error(&**.0))]
+    Broke(BoxError),
     /// Nothing arrived for this long.
     #[error("nothing arrived for {} s", .0.as_secs())]
     Stalled(Duration),
@@ -38,11 +40,17 @@ enum BodyError {
 /// The upstream body, ended with [`BodyError::Stalled`] when nothing arrives for `idle`: a
 /// stream may run for hours, but one that has gone silent for that long is dead, and holding
 /// it would hold the agent (and a shutdown) with it.
-fn body_stream(upstream: reqwest::Response, idle: Duration) -> UpstreamStream {
-    idle_limited(
-        upstream.bytes_stream().map_err(BodyError::Broke).boxed(),
-        idle,
-    )
+fn body_stream(upstream: http::Response<UpstreamBody>, idle: Duration) -> UpstreamStream {
+    idle_limited(chunks(upstream), idle)
+}
+
+/// The upstream body's data, chunk by chunk.
+fn chunks(upstream: http::Response<UpstreamBody>) -> UpstreamStream {
+    upstream
+        .into_body()
+        .into_data_stream()
+        .map_err(BodyError::Broke)
+        .boxed()
 }
 
 /// `chunks`, ended with [`BodyError::Stalled`] when nothing arrives for `idle`.
@@ -90,7 +98,7 @@ impl Accounting {
 /// pass byte for byte, their event streams event by event; passthrough answers are streamed
 /// as they come. Usage is read from successful model answers for `accounting`.
 pub(super) async fn relay(
-    upstream: reqwest::Response,
+    upstream: http::Response<UpstreamBody>,
     mode: Mode,
     tools: ToolContext,
     accounting: Option<Accounting>,
@@ -128,9 +136,9 @@ pub(super) async fn relay(
             events_body(body_stream(upstream, read_timeout), mode, scanner)
         }
     } else if content_type == "application/json"
-        && upstream
-            .content_length()
-            .is_none_or(|n| n as usize <= MAX_FIXED_JSON)
+        && http_body::Body::size_hint(upstream.body())
+            .exact()
+            .is_none_or(|n| n <= MAX_FIXED_JSON as u64)
     {
         match read_json(upstream, read_timeout).await? {
             JsonBody::Whole(bytes) if mode != Mode::Chat => {
@@ -180,13 +188,13 @@ pub(super) async fn relay(
 /// Reads a JSON body whole, up to [`MAX_FIXED_JSON`] (a body of unknown length may be
 /// larger: then what was read goes out ahead of the rest, unchanged).
 async fn read_json(
-    upstream: reqwest::Response,
+    upstream: http::Response<UpstreamBody>,
     read_timeout: Duration,
 ) -> Result<JsonBody, ProxyError> {
     let read = async {
         let mut body = Vec::new();
         // The whole read has a time limit (below); past 16 MiB, the rest gets the idle one.
-        let mut chunks = upstream.bytes_stream().map_err(BodyError::Broke).boxed();
+        let mut chunks = chunks(upstream);
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|err| {
                 tracing::warn!(error = %err, "upstream body broke off");
