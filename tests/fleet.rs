@@ -493,3 +493,84 @@ async fn with_etcd_auth_only_members_with_the_password_take_part() {
         assert!(!log.contains(&current), "a token reached the logs");
     }
 }
+
+/// PEM files of a test CA, a server certificate for 127.0.0.1 and a client certificate.
+fn fleet_pki(dir: &std::path::Path) -> etcd::TlsFiles {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let write = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let leaf = |names: Vec<String>, file: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        write(&format!("{file}.pem"), cert.pem());
+        write(&format!("{file}-key.pem"), key.serialize_pem());
+    };
+    leaf(
+        vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+        "server",
+    );
+    leaf(vec!["fleet-member".to_owned()], "client");
+    etcd::TlsFiles {
+        cert: dir.join("server.pem"),
+        key: dir.join("server-key.pem"),
+        client_ca: write("ca.pem", ca.pem()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mutual_tls_members_with_a_client_certificate_take_part() {
+    let ws = FakeWorkspace::start().await;
+    let bootstrap = ws.mint(Duration::from_secs(600));
+    let pki = tempfile::tempdir().unwrap();
+    let files = fleet_pki(pki.path());
+    let etcd = tokio::task::spawn_blocking({
+        let files = files.clone();
+        move || EtcdServer::start_with_tls(files)
+    })
+    .await
+    .unwrap();
+    let endpoint = etcd.tls_endpoint();
+    let path = |name: &str| pki.path().join(name).to_str().unwrap().to_owned();
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client-key.pem"));
+
+    // Without a client certificate, etcd refuses the member.
+    let refused = member_with(&ws, &endpoint, &bootstrap, TIMING, &[("PAT_ETCD_CA", &ca)]).await;
+    let member = member_with(
+        &ws,
+        &endpoint,
+        &bootstrap,
+        TIMING,
+        &[
+            ("PAT_ETCD_CA", &ca),
+            ("PAT_ETCD_CERT", &cert),
+            ("PAT_ETCD_KEY", &key),
+        ],
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(30),
+        "the member rotates over TLS",
+        || async { ws.stats().creates >= 2 },
+    )
+    .await;
+    assert_eq!(health(&member.url()).await["token"]["role"], "rotator");
+    all_hold_the_record(&ws, &etcd, &[&member]).await;
+    let h = health(&refused.url()).await;
+    assert!(h["token"]["coordination_error"].is_string(), "{h}");
+    assert_eq!(h["token"]["role"], "follower", "{h}");
+    assert_eq!(
+        refused.config_token().as_deref(),
+        Some(bootstrap.value.as_str())
+    );
+}
