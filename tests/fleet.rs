@@ -574,3 +574,33 @@ async fn over_mutual_tls_members_with_a_client_certificate_take_part() {
         Some(bootstrap.value.as_str())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_prefix_members_meet_under_their_workspace_and_user() {
+    let ws = FakeWorkspace::start().await;
+    let bootstrap = ws.mint(Duration::from_secs(600));
+    let etcd = start_etcd().await;
+    let endpoint = etcd.endpoint();
+    let unset = [("PAT_ETCD_PREFIX", "")];
+    let a = member_with(&ws, &endpoint, &bootstrap, TIMING, &unset).await;
+    let b = member_with(&ws, &endpoint, &bootstrap, TIMING, &unset).await;
+    let host = ws.url().trim_start_matches("http://").to_owned();
+    let key = format!(
+        "fresh-proxy/{host}/{}/token",
+        common::fake_workspace::USER_NAME
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "a record under the default prefix",
+        || async { etcd.get(&key).is_some() },
+    )
+    .await;
+    assert_eq!(rotators(&[&a, &b]).await.len(), 1);
+    let record: Value = serde_json::from_slice(&etcd.get(&key).unwrap()).unwrap();
+    let current = record["token"].as_str().unwrap();
+    wait_until(Duration::from_secs(15), "both serve the record", || async {
+        a.config_token().as_deref() == Some(current) && b.config_token().as_deref() == Some(current)
+    })
+    .await;
+    assert!(etcd.get(&format!("{PREFIX}/token")).is_none());
+}
