@@ -94,16 +94,25 @@ fn large_request(defects: bool) -> Vec<u8> {
         .map(|i| format!("    let value_{i} = compute(\"input {i}\", {i}).unwrap_or_default();\n"))
         .collect();
     let mut messages = vec![json!({"role": "system", "content": "You are a coding agent."})];
+    // The length of `messages` as JSON, kept as it grows: serialising the whole list again
+    // after each turn made building it quadratic.
+    let mut len = serde_json::to_vec(&messages).unwrap().len();
     let mut turn = 0;
-    while serde_json::to_vec(&messages).unwrap().len() < 1_000_000 {
+    while len < 1_000_000 {
         let id = format!("call_{turn}");
-        messages.push(json!({"role": "user", "content": [{"type": "text", "text": format!("Step {turn}: continue.")}]}));
-        messages.push(json!({"role": "assistant", "content": "Reading the next file.", "tool_calls": [
-            {"id": id, "type": "function", "function": {"name": "read_file", "arguments": format!("{{\"path\": \"/repo/src/m{turn}.rs\"}}")}}
-        ]}));
-        messages.push(json!({"role": "tool", "tool_call_id": id, "content": file}));
+        for message in [
+            json!({"role": "user", "content": [{"type": "text", "text": format!("Step {turn}: continue.")}]}),
+            json!({"role": "assistant", "content": "Reading the next file.", "tool_calls": [
+                {"id": id, "type": "function", "function": {"name": "read_file", "arguments": format!("{{\"path\": \"/repo/src/m{turn}.rs\"}}")}}
+            ]}),
+            json!({"role": "tool", "tool_call_id": id, "content": file}),
+        ] {
+            len += serde_json::to_vec(&message).unwrap().len() + 1;
+            messages.push(message);
+        }
         turn += 1;
     }
+    debug_assert_eq!(len, serde_json::to_vec(&messages).unwrap().len());
     let mut tools: Vec<Value> = ["read_file", "write_file", "grep", "bash"]
         .iter()
         .map(|name| tool(name, "A tool"))
