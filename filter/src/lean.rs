@@ -18,9 +18,9 @@ use super::view;
 /// `\u0000`, so a body without that text cannot hold a string that looks like one.
 const MARKER: &str = "\u{0}fresh-filter-raw:";
 
-/// Whether placeholders are safe for this body: nothing in it can be mistaken for one.
-pub(crate) fn usable_for(body: &[u8]) -> bool {
-    !super::contains(body, "\\u0000")
+/// Whether placeholders are safe for this text: nothing in it can be mistaken for one.
+pub(crate) fn usable_for(text: &str) -> bool {
+    !text.contains("\\u0000")
 }
 
 /// The raw members set aside while parsing, indexed by their placeholders.
@@ -205,7 +205,7 @@ mod tests {
     #[test]
     fn keys_given_twice_and_bodies_with_nul_escapes_are_not_read_this_way() {
         assert!(message(r#"{"role":"user","role":"tool"}"#, &mut Aside::default()).is_none());
-        assert!(!usable_for(br#"{"a":"\u0000fresh"}"#));
-        assert!(usable_for(br#"{"a":"x\n"}"#));
+        assert!(!usable_for(r#"{"a":"\u0000fresh"}"#));
+        assert!(usable_for(r#"{"a":"x\n"}"#));
     }
 }

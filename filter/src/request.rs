@@ -245,10 +245,14 @@ fn apply_rules(
     inject: bool,
 ) -> (Option<Vec<u8>>, FilterReport) {
     let mut report = FilterReport::default();
-    let touched = |path: &&FieldPath| super::contains(body, &format!("\"{}\"", path.leaf()));
-    let injectable = inject
-        && super::contains(body, "\"stream\"")
-        && !super::contains(body, "\"stream_options\"");
+    // The body is checked for UTF-8 once, not again for every name looked for.
+    let text = std::str::from_utf8(body).ok();
+    let has = |needle: &str| match text {
+        Some(text) => text.contains(needle),
+        None => super::contains(body, needle),
+    };
+    let touched = |path: &&FieldPath| has(&format!("\"{}\"", path.leaf()));
+    let injectable = inject && has("\"stream\"") && !has("\"stream_options\"");
     if !injectable && !removals.iter().any(touched) {
         return (None, report);
     }
@@ -445,7 +449,7 @@ fn sanitize_message_list<'a>(
         return Some(None);
     };
     // Placeholders only stand in for what these messages hold.
-    let lean = lean::usable_for(raw_list.as_bytes());
+    let lean = lean::usable_for(raw_list);
     let mut aside = Aside::default();
     let mut messages = Vec::with_capacity(list.len());
     for (i, (raw, verdict)) in list.iter().enumerate() {
