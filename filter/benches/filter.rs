@@ -6,8 +6,8 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use fresh_filter::{
-    RequestSanitizer, SseLimits, SseRewriter, ToolContext, fix_response_bytes,
-    sanitize_request_bytes,
+    Mode, ModelRules, RequestContext, RequestSanitizer, SseLimits, SseRewriter, ToolContext,
+    UsageScanner, fix_response_bytes, sanitize_request_bytes,
 };
 use serde_json::{Value, json};
 
@@ -94,16 +94,25 @@ fn large_request(defects: bool) -> Vec<u8> {
         .map(|i| format!("    let value_{i} = compute(\"input {i}\", {i}).unwrap_or_default();\n"))
         .collect();
     let mut messages = vec![json!({"role": "system", "content": "You are a coding agent."})];
+    // The length of `messages` as JSON, kept as it grows: serialising the whole list again
+    // after each turn made building it quadratic.
+    let mut len = serde_json::to_vec(&messages).unwrap().len();
     let mut turn = 0;
-    while serde_json::to_vec(&messages).unwrap().len() < 1_000_000 {
+    while len < 1_000_000 {
         let id = format!("call_{turn}");
-        messages.push(json!({"role": "user", "content": [{"type": "text", "text": format!("Step {turn}: continue.")}]}));
-        messages.push(json!({"role": "assistant", "content": "Reading the next file.", "tool_calls": [
-            {"id": id, "type": "function", "function": {"name": "read_file", "arguments": format!("{{\"path\": \"/repo/src/m{turn}.rs\"}}")}}
-        ]}));
-        messages.push(json!({"role": "tool", "tool_call_id": id, "content": file}));
+        for message in [
+            json!({"role": "user", "content": [{"type": "text", "text": format!("Step {turn}: continue.")}]}),
+            json!({"role": "assistant", "content": "Reading the next file.", "tool_calls": [
+                {"id": id, "type": "function", "function": {"name": "read_file", "arguments": format!("{{\"path\": \"/repo/src/m{turn}.rs\"}}")}}
+            ]}),
+            json!({"role": "tool", "tool_call_id": id, "content": file}),
+        ] {
+            len += serde_json::to_vec(&message).unwrap().len() + 1;
+            messages.push(message);
+        }
         turn += 1;
     }
+    debug_assert_eq!(len, serde_json::to_vec(&messages).unwrap().len());
     let mut tools: Vec<Value> = ["read_file", "write_file", "grep", "bash"]
         .iter()
         .map(|name| tool(name, "A tool"))
@@ -193,6 +202,25 @@ fn sanitize(c: &mut Criterion) {
         group.bench_function(name, |b| b.iter(|| sanitizer.sanitize(black_box(&body))));
     }
     group.finish();
+
+    // The proxy's own call on a chat route: the built-in model rules, then the sanitizer that
+    // has seen this agent's tools before.
+    let rules = ModelRules::builtin();
+    let context = RequestContext::new(Mode::Chat);
+    let mut group = c.benchmark_group("sanitize_for_chat");
+    for (name, body) in [
+        ("loadtest_3.8kb", LOADTEST_REQUEST.to_vec()),
+        ("agent_3.7kb_unchanged", agent_request(false)),
+        ("session_1mb_changed", large_request(true)),
+    ] {
+        let sanitizer = RequestSanitizer::new();
+        sanitizer.sanitize_for(&body, &rules, &context);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| sanitizer.sanitize_for(black_box(&body), &rules, &context))
+        });
+    }
+    group.finish();
 }
 
 fn sse(c: &mut Criterion) {
@@ -215,6 +243,16 @@ fn sse(c: &mut Criterion) {
             });
         });
     }
+    // What the proxy runs beside the rewriter on a chat stream, to count tokens.
+    group.bench_function("usage_scan_chunks_of_512", |b| {
+        b.iter(|| {
+            let mut scanner = UsageScanner::new(Mode::Chat);
+            for chunk in stream.chunks(512) {
+                scanner.push(black_box(chunk));
+            }
+            scanner.finish()
+        });
+    });
     group.finish();
 
     let body = serde_json::to_vec(

@@ -18,54 +18,84 @@ use super::view;
 /// `\u0000`, so a body without that text cannot hold a string that looks like one.
 const MARKER: &str = "\u{0}fresh-filter-raw:";
 
-/// Whether placeholders are safe for this body: nothing in it can be mistaken for one.
-pub(crate) fn usable_for(body: &[u8]) -> bool {
-    !super::contains(body, "\\u0000")
+/// Whether placeholders are safe for this text: nothing in it can be mistaken for one.
+pub(crate) fn usable_for(text: &str) -> bool {
+    !text.contains("\\u0000")
 }
 
 /// The raw members set aside while parsing, indexed by their placeholders.
 #[derive(Default)]
 pub(crate) struct Aside<'a>(Vec<&'a RawValue>);
 
-const MESSAGE_KEYS: [&str; 4] = ["role", "tool_call_id", "tool_calls", "function_call"];
-const BLOCK_KEYS: [&str; 4] = ["type", "text", "id", "tool_use_id"];
+/// What an object is to the rules, and so which of its members they read.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A message: `role`, `tool_call_id`, `content`, `tool_calls` and `function_call`.
+    Message,
+    /// A content block: `type`, `text`, `id`, `tool_use_id` and `content`.
+    Block,
+    /// A tool call: only its `id`. Its arguments may be a whole file.
+    Call,
+}
+
+impl Kind {
+    /// Whether the rules read this member as a whole value.
+    fn reads(self, key: &str) -> bool {
+        match self {
+            Kind::Message => matches!(key, "role" | "tool_call_id" | "function_call"),
+            Kind::Block => matches!(key, "type" | "text" | "id" | "tool_use_id"),
+            Kind::Call => key == "id",
+        }
+    }
+}
 
 /// One message for the rules, or `None` when it is not an object the view reads (a key given
 /// twice): then only a full parse gives what a `Value` would hold.
-pub(crate) fn message<'a>(raw: &'a RawValue, aside: &mut Aside<'a>) -> Option<Value> {
-    object(raw, &MESSAGE_KEYS, aside)
+pub(crate) fn message<'a>(raw: &'a str, aside: &mut Aside<'a>) -> Option<Value> {
+    object(raw, Kind::Message, aside)
 }
 
-fn object<'a>(raw: &'a RawValue, read: &[&str], aside: &mut Aside<'a>) -> Option<Value> {
-    let members = view::members(raw.get().as_bytes())?;
+fn object<'a>(raw: &'a str, kind: Kind, aside: &mut Aside<'a>) -> Option<Value> {
+    let members = view::members(raw.as_bytes())?;
     let mut map = Map::with_capacity(members.len());
     for (key, value) in members {
-        let value = if key == "content" {
-            content(value, aside)?
-        } else if read.contains(&&*key) {
-            serde_json::from_str(value.get()).ok()?
-        } else {
-            aside.0.push(value);
-            Value::String(format!("{MARKER}{}", aside.0.len() - 1))
+        let value = match (kind, &*key) {
+            // A `content` or block `text` string with more than whitespace in it is neither
+            // changed nor judged by its words: it is copied as it came rather than parsed and
+            // written anew.
+            (Kind::Message | Kind::Block, "content") | (Kind::Block, "text")
+                if view::is_text(value) =>
+            {
+                set_aside(value, aside)
+            }
+            (Kind::Message | Kind::Block, "content") => list(value, Kind::Block, aside)?,
+            (Kind::Message, "tool_calls") => list(value, Kind::Call, aside)?,
+            (kind, key) if kind.reads(key) => serde_json::from_str(value.get()).ok()?,
+            _ => set_aside(value, aside),
         };
         map.insert(key.into_owned(), value);
     }
     Some(Value::Object(map))
 }
 
-/// A `content`: a list of blocks, each read as [`object`] does; anything else whole.
-fn content<'a>(raw: &'a RawValue, aside: &mut Aside<'a>) -> Option<Value> {
-    if !raw.get().starts_with('[') {
+/// The placeholder for `raw`, which is kept to be written back as it came.
+fn set_aside<'a>(raw: &'a RawValue, aside: &mut Aside<'a>) -> Value {
+    aside.0.push(raw);
+    Value::String(format!("{MARKER}{}", aside.0.len() - 1))
+}
+
+/// A list whose objects are read as [`object`] reads a `kind`; anything but a list whole.
+fn list<'a>(raw: &'a RawValue, kind: Kind, aside: &mut Aside<'a>) -> Option<Value> {
+    let Some(items) = view::elements(raw) else {
         return serde_json::from_str(raw.get()).ok();
-    }
-    let items: Vec<&RawValue> = serde_json::from_str(raw.get()).ok()?;
+    };
     items
         .into_iter()
         .map(|item| {
-            if item.get().starts_with('{') {
-                object(item, &BLOCK_KEYS, aside)
+            if item.starts_with('{') {
+                object(item, kind, aside)
             } else {
-                serde_json::from_str(item.get()).ok()
+                serde_json::from_str(item).ok()
             }
         })
         .collect::<Option<Vec<_>>>()
@@ -117,9 +147,8 @@ mod tests {
     use super::*;
 
     fn round_trip(text: &str) -> (Value, String) {
-        let raw: &RawValue = serde_json::from_str(text).unwrap();
         let mut aside = Aside::default();
-        let value = message(raw, &mut aside).unwrap();
+        let value = message(text, &mut aside).unwrap();
         let written = serde_json::to_string(&Spliced {
             value: &value,
             aside: &aside,
@@ -130,19 +159,26 @@ mod tests {
 
     #[test]
     fn members_the_rules_do_not_read_are_set_aside_and_written_back_as_they_came() {
-        let text = r#"{"role":"user","x":[1,2.50,{"a":null}],"content":[{"type":"text","text":" ","cache_control":{"type":"ephemeral"}},{"type":"image","source":{"data":"AAAA"}},"s",{"type":"tool_result","tool_use_id":"t","content":[{"type":"text","text":"ok","extra":1e3}]}],"tool_calls":[{"id":"c"}]}"#;
+        let text = r#"{"role":"user","x":[1,2.50,{"a":null}],"content":[{"type":"text","text":" ","cache_control":{"type":"ephemeral"}},{"type":"image","source":{"data":"AAAA"}},"s",{"type":"tool_result","tool_use_id":"t","content":[{"type":"text","text":"ok\u00e9\n","extra":1e3},{"type":"text","text":"\t "}]}],"tool_calls":[{"id":"c","function":{"name":"f","arguments":"{\"a\": 1}"}},"raw"]}"#;
         let (value, written) = round_trip(text);
         assert_eq!(written, text);
         assert_eq!(value["role"], "user");
+        // Blank text is read: the rules drop it.
         assert_eq!(value["content"][0]["text"], " ");
+        assert_eq!(value["content"][3]["content"][1]["text"], "\t ");
         assert_eq!(value["content"][2], "s");
-        assert_eq!(value["content"][3]["content"][0]["text"], "ok");
+        assert_eq!(value["content"][3]["tool_use_id"], "t");
         assert_eq!(value["tool_calls"][0]["id"], "c");
+        assert_eq!(value["tool_calls"][1], "raw");
         for set_aside in [
             &value["x"],
             &value["content"][0]["cache_control"],
             &value["content"][1]["source"],
+            // Text with words in it is never changed: copied, escapes and all.
+            &value["content"][3]["content"][0]["text"],
             &value["content"][3]["content"][0]["extra"],
+            // Of a tool call, only the id is read.
+            &value["tool_calls"][0]["function"],
         ] {
             assert!(
                 set_aside.as_str().unwrap().starts_with(MARKER),
@@ -152,10 +188,24 @@ mod tests {
     }
 
     #[test]
+    fn string_content_is_read_only_when_blank() {
+        let (value, written) =
+            round_trip(r#"{"role":"assistant","content":" \n","tool_calls":[]}"#);
+        assert_eq!(value["content"], " \n");
+        assert_eq!(
+            written,
+            r#"{"role":"assistant","content":" \n","tool_calls":[]}"#
+        );
+        let text = r#"{"role":"tool","tool_call_id":"c","content":"fn main() {}\n"}"#;
+        let (value, written) = round_trip(text);
+        assert!(value["content"].as_str().unwrap().starts_with(MARKER));
+        assert_eq!(written, text);
+    }
+
+    #[test]
     fn keys_given_twice_and_bodies_with_nul_escapes_are_not_read_this_way() {
-        let raw: &RawValue = serde_json::from_str(r#"{"role":"user","role":"tool"}"#).unwrap();
-        assert!(message(raw, &mut Aside::default()).is_none());
-        assert!(!usable_for(br#"{"a":"\u0000fresh"}"#));
-        assert!(usable_for(br#"{"a":"x\n"}"#));
+        assert!(message(r#"{"role":"user","role":"tool"}"#, &mut Aside::default()).is_none());
+        assert!(!usable_for(r#"{"a":"\u0000fresh"}"#));
+        assert!(usable_for(r#"{"a":"x\n"}"#));
     }
 }

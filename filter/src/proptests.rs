@@ -7,7 +7,7 @@ use super::arguments::{NameScan, scan_name, without};
 use super::test_support::{
     call_args, call_open, client_view, content_chunk, events, rewrite_chunks,
 };
-use super::view::clean_request;
+use super::view::{clean_request, elements};
 use super::{
     DATABRICKS_TOOL_CALL, FilterAction, RequestSanitizer, SseLimits, ToolContext, sanitize_request,
     sanitize_request_bytes,
@@ -912,5 +912,48 @@ proptest! {
             scanner.finish(),
             Some(Usage { input: input + cached, output, cached })
         );
+    }
+}
+
+/// JSON whose strings hold what a structural scan could trip on: quotes, backslashes,
+/// brackets, commas and escapes.
+fn tricky_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        "[\\[\\]{}\",\\\\ a\n\u{e9}:]{0,6}".prop_map(Value::String),
+        any::<i32>().prop_map(|n| json!(n)),
+        any::<f64>()
+            .prop_filter("finite", |x| x.is_finite())
+            .prop_map(|x| json!(x)),
+        any::<bool>().prop_map(Value::Bool),
+        Just(Value::Null),
+    ];
+    leaf.prop_recursive(4, 48, 5, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::vec(("[a-z\\]\"]{0,3}", inner), 0..5)
+                .prop_map(|entries| Value::Object(entries.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    /// The structural scan cuts a list exactly where serde_json does, however it is spaced.
+    #[test]
+    fn elements_agree_with_the_parser(
+        items in prop::collection::vec(tricky_json(), 0..6),
+        pretty in any::<bool>(),
+    ) {
+        let list = Value::Array(items);
+        let text = if pretty {
+            serde_json::to_string_pretty(&list).unwrap()
+        } else {
+            serde_json::to_string(&list).unwrap()
+        };
+        let raw: &serde_json::value::RawValue = serde_json::from_str(&text).unwrap();
+        let parsed: Vec<&serde_json::value::RawValue> = serde_json::from_str(&text).unwrap();
+        let parsed: Vec<&str> = parsed.iter().map(|raw| raw.get()).collect();
+        prop_assert_eq!(elements(raw), Some(parsed));
     }
 }

@@ -1,5 +1,6 @@
 //! Sanitising chat requests before they go upstream.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -128,24 +129,30 @@ impl RequestSanitizer {
         if first != Some(&b'{') {
             return RequestOutcome::default();
         }
+        // The body's members are read once, for the model, the rules and the sanitising.
+        let members = view::members(body);
         let named_in_body;
         let model = match context.model {
             Some(model) => Some(model),
             None => {
-                named_in_body = model_of(body);
+                named_in_body = model_in(body, members.as_deref());
                 named_in_body.as_deref()
             }
         };
         let removals = rules.removals(context.mode, model);
         let inject = context.inject_stream_usage && context.mode == Mode::Chat;
-        let (ruled, mut report) = apply_rules(body, &removals, inject);
+        let (ruled, mut report) = apply_rules(body, members.as_deref(), &removals, inject);
         if !context.mode.sanitizes() {
             return match ruled {
                 Some(body) => RequestOutcome::changed(body, report, ToolContext::default()),
                 None => RequestOutcome::unchanged(ToolContext::default()),
             };
         }
-        let mut outcome = sanitize_bytes(ruled.as_deref().unwrap_or(body), Some(self));
+        let mut outcome = match (&ruled, members) {
+            (Some(ruled), _) => sanitize_bytes(ruled, Some(self)),
+            (None, Some(members)) => sanitize_members(body, members, Some(self)),
+            (None, None) => sanitize_whole(body),
+        };
         report.merge(&outcome.report);
         outcome.report = report;
         if outcome.body.is_none() {
@@ -210,7 +217,12 @@ pub fn request_model(body: &[u8]) -> Option<String> {
 }
 
 fn model_of(body: &[u8]) -> Option<String> {
-    match view::members(body) {
+    model_in(body, view::members(body).as_deref())
+}
+
+/// The `model` of `body`, whose members (when the view reads it) are `members`.
+fn model_in(body: &[u8], members: Option<&[(Cow<'_, str>, &RawValue)]>) -> Option<String> {
+    match members {
         Some(members) => members
             .iter()
             .rev()
@@ -228,18 +240,23 @@ fn model_of(body: &[u8]) -> Option<String> {
 /// rule touches are parsed and written anew. `None`: nothing changed.
 fn apply_rules(
     body: &[u8],
+    members: Option<&[(Cow<'_, str>, &RawValue)]>,
     removals: &[&FieldPath],
     inject: bool,
 ) -> (Option<Vec<u8>>, FilterReport) {
     let mut report = FilterReport::default();
-    let touched = |path: &&FieldPath| super::contains(body, &format!("\"{}\"", path.leaf()));
-    let injectable = inject
-        && super::contains(body, "\"stream\"")
-        && !super::contains(body, "\"stream_options\"");
+    // The body is checked for UTF-8 once, not again for every name looked for.
+    let text = std::str::from_utf8(body).ok();
+    let has = |needle: &str| match text {
+        Some(text) => text.contains(needle),
+        None => super::contains(body, needle),
+    };
+    let touched = |path: &&FieldPath| has(&format!("\"{}\"", path.leaf()));
+    let injectable = inject && has("\"stream\"") && !has("\"stream_options\"");
     if !injectable && !removals.iter().any(touched) {
         return (None, report);
     }
-    let Some(members) = view::members(body) else {
+    let Some(members) = members else {
         // A key given twice: the whole body, parsed.
         let Ok(Value::Object(mut request)) = serde_json::from_slice::<Value>(body) else {
             return (None, report);
@@ -254,7 +271,7 @@ fn apply_rules(
     out.push(b'{');
     let mut first = true;
     let mut seen = Map::new();
-    for (key, raw) in &members {
+    for (key, raw) in members {
         let paths: Vec<&FieldPath> = removals
             .iter()
             .copied()
@@ -315,9 +332,18 @@ fn sanitize_bytes(body: &[u8], sanitizer: Option<&RequestSanitizer>) -> RequestO
     if first != Some(&b'{') {
         return RequestOutcome::default();
     }
-    let Some(members) = view::members(body) else {
-        return sanitize_whole(body);
-    };
+    match view::members(body) {
+        Some(members) => sanitize_members(body, members, sanitizer),
+        None => sanitize_whole(body),
+    }
+}
+
+/// [`sanitize_bytes`] on a body whose members the view has read.
+fn sanitize_members(
+    body: &[u8],
+    members: Vec<(Cow<'_, str>, &RawValue)>,
+    sanitizer: Option<&RequestSanitizer>,
+) -> RequestOutcome {
     let mut report = FilterReport::default();
     let mut tools = ToolContext::default();
     let mut out: Vec<Member> = Vec::with_capacity(members.len());
@@ -325,7 +351,7 @@ fn sanitize_bytes(body: &[u8], sanitizer: Option<&RequestSanitizer>) -> RequestO
     for (key, raw) in &members {
         let member = match &**key {
             "messages" => match view::messages(raw) {
-                Messages::List(list) => match sanitize_message_list(list, body, &mut report) {
+                Messages::List(list) => match sanitize_message_list(list, raw.get(), &mut report) {
                     Some(None) => Member::Keep,
                     Some(Some(list)) => {
                         rewritten = Some(list);
@@ -410,8 +436,8 @@ fn clean_tools(key: &str, raw: &RawValue) -> CleanTools {
 /// it) and is copied as it came. `Some(None)` when nothing changes; `None` if a message the view
 /// read cannot be parsed after all.
 fn sanitize_message_list<'a>(
-    list: Vec<(&'a RawValue, Verdict)>,
-    body: &[u8],
+    list: Vec<(&'a str, Verdict)>,
+    raw_list: &str,
     report: &mut FilterReport,
 ) -> Option<Option<RewrittenList<'a>>> {
     // Nothing after the last message that may change is judged again, so from there on clean
@@ -422,7 +448,8 @@ fn sanitize_message_list<'a>(
     else {
         return Some(None);
     };
-    let lean = lean::usable_for(body);
+    // Placeholders only stand in for what these messages hold.
+    let lean = lean::usable_for(raw_list);
     let mut aside = Aside::default();
     let mut messages = Vec::with_capacity(list.len());
     for (i, (raw, verdict)) in list.iter().enumerate() {
@@ -436,7 +463,7 @@ fn sanitize_message_list<'a>(
         } else if let Some(message) = lean.then(|| lean::message(raw, &mut aside)).flatten() {
             message
         } else {
-            serde_json::from_str(raw.get()).ok()?
+            serde_json::from_str(raw).ok()?
         });
     }
     let mut request = Value::Object(Map::from_iter([(
@@ -457,7 +484,7 @@ fn sanitize_message_list<'a>(
 /// A `messages` list after the rules: what they kept, each message either parsed (and maybe
 /// changed) or the index of one copied as it came.
 struct RewrittenList<'a> {
-    list: Vec<(&'a RawValue, Verdict)>,
+    list: Vec<(&'a str, Verdict)>,
     kept: Vec<Value>,
     aside: Aside<'a>,
 }
@@ -473,7 +500,7 @@ impl RewrittenList<'_> {
             }
             match message {
                 Value::Number(i) => {
-                    out.extend_from_slice(self.list.get(i.as_u64()? as usize)?.0.get().as_bytes())
+                    out.extend_from_slice(self.list.get(i.as_u64()? as usize)?.0.as_bytes())
                 }
                 message => serde_json::to_writer(
                     &mut *out,

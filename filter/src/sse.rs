@@ -83,9 +83,11 @@ struct EventState {
     buf: Vec<u8>,
     /// Where the partial line starts in `buf`.
     line_start: usize,
-    /// Its `data:` values so far, joined with `\n`.
+    /// Where the value of its first `data:` line is, from the start of the event. Nearly every
+    /// event has one `data:` line, which is read where it lies, not copied.
+    first_data: Option<std::ops::Range<usize>>,
+    /// Its `data:` values joined with `\n`, once a second `data:` line arrives.
     data: Vec<u8>,
-    has_data: bool,
     /// Bytes of line content so far, for the event bound.
     content_len: usize,
     /// Set while an event over the bound is copied through; whether its current line has
@@ -96,8 +98,8 @@ struct EventState {
 impl EventState {
     fn reset(&mut self) {
         self.line_start = 0;
+        self.first_data = None;
         self.data.clear();
-        self.has_data = false;
         self.content_len = 0;
     }
 }
@@ -206,6 +208,10 @@ impl SseRewriter {
             buf.extend_from_slice(chunk);
             let tail = self.feed(&buf, self.event.line_start, out);
             buf.drain(..tail);
+            // Kept only while an event is cut off: an idle stream holds no buffer.
+            if buf.is_empty() {
+                buf = Vec::new();
+            }
             self.event.buf = buf;
         }
     }
@@ -282,7 +288,7 @@ impl SseRewriter {
             } else {
                 let content = &bytes[pos..line.end];
                 self.event.content_len += content.len();
-                self.take_field(content);
+                self.take_field(&bytes[event_start..line.end], pos - event_start);
                 let over = self.event.content_len > self.limits.max_event_bytes;
                 if over {
                     self.begin_pass_through(&bytes[event_start..line.next], false, out);
@@ -302,22 +308,31 @@ impl SseRewriter {
         event_start
     }
 
-    /// Records one non-blank line of the current event.
-    fn take_field(&mut self, line: &[u8]) {
+    /// Records one non-blank line of the current event: `event[line_start..]`, where `event`
+    /// holds the event so far from its start.
+    fn take_field(&mut self, event: &[u8], line_start: usize) {
+        let line = &event[line_start..];
         let (name, value) = match line.iter().position(|&b| b == b':') {
             Some(0) => return,
             Some(colon) => {
-                let value = &line[colon + 1..];
-                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+                let mut value = line_start + colon + 1;
+                if event.get(value) == Some(&b' ') {
+                    value += 1;
+                }
+                (&line[..colon], value..event.len())
             }
-            None => (line, &[][..]),
+            None => (line, event.len()..event.len()),
         };
         if name == b"data" {
-            if self.event.has_data {
-                self.event.data.push(b'\n');
+            let Some(first) = &self.event.first_data else {
+                self.event.first_data = Some(value);
+                return;
+            };
+            if self.event.data.is_empty() {
+                self.event.data.extend_from_slice(&event[first.clone()]);
             }
-            self.event.data.extend_from_slice(value);
-            self.event.has_data = true;
+            self.event.data.push(b'\n');
+            self.event.data.extend_from_slice(&event[value]);
         }
     }
 
@@ -357,12 +372,15 @@ impl SseRewriter {
 
     /// Handles one complete event. Returns where the LF of a split CRLF after it belongs.
     fn dispatch(&mut self, raw: &[u8], out: &mut Vec<u8>) -> LfSink {
-        let data = mem::take(&mut self.event.data);
-        let has_data = self.event.has_data;
+        let joined = mem::take(&mut self.event.data);
+        let data = match self.event.first_data.take() {
+            Some(_) if !joined.is_empty() => Some(&joined[..]),
+            Some(first) => raw.get(first),
+            None => None,
+        };
         self.event.reset();
-        let sink = self.dispatch_event(raw, has_data.then_some(&data[..]), out);
-        self.event.data = data;
-        self.event.data.clear();
+        let sink = self.dispatch_event(raw, data, out);
+        // A joined payload is rare: its buffer is not kept for the next event.
         sink
     }
 

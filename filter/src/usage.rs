@@ -170,11 +170,14 @@ impl UsageScanner {
             chunk = &chunk[1..];
         }
         while let Some(end) = chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
-            if !self.skipping {
+            if self.skipping {
+            } else if self.line.is_empty() {
+                // A whole line in this chunk is read where it lies.
+                self.on_line(&chunk[..end]);
+            } else {
                 self.line.extend_from_slice(&chunk[..end]);
                 let line = std::mem::take(&mut self.line);
                 self.on_line(&line);
-                self.line = line;
             }
             self.line.clear();
             self.skipping = false;
@@ -195,6 +198,14 @@ impl UsageScanner {
                 self.line.clear();
                 self.skipping = true;
             }
+        }
+        // Kept only while a line or an event is cut off: a stream between events holds no
+        // buffer.
+        if self.line.is_empty() {
+            self.line = Vec::new();
+        }
+        if self.data.is_empty() {
+            self.data = Vec::new();
         }
     }
 
@@ -233,6 +244,7 @@ impl UsageScanner {
         }
         let data = std::mem::take(&mut self.data);
         if data.first() == Some(&b'{')
+            && may_name_usage(&data)
             && let Ok(value) = serde_json::from_slice::<Value>(&data)
         {
             let mut state = State { usage: self.usage };
@@ -242,6 +254,13 @@ impl UsageScanner {
         self.data = data;
         self.data.clear();
     }
+}
+
+/// Whether a payload may hold a `usage` or `usageMetadata` member: most events of a stream
+/// hold neither, and are not parsed. A key can only spell `usage` without those letters in a
+/// row through `\u` escapes, so a payload with one is parsed too.
+fn may_name_usage(data: &[u8]) -> bool {
+    super::contains(data, "usage") || super::contains(data, "\\u")
 }
 
 #[cfg(test)]
@@ -308,6 +327,21 @@ mod tests {
     #[test]
     fn streams_in_any_chunking() {
         let cases: &[(Mode, &str, Option<Usage>)] = &[
+            // A key spelled with escapes is still read: only payloads that can hold no
+            // `usage` member are left unparsed.
+            (
+                Mode::Chat,
+                concat!(
+                    "data: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}]}\n\n",
+                    "data: {\"choices\":[],\"\\u0075sage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n",
+                    "data: [DONE]\n\n"
+                ),
+                Some(Usage {
+                    input: 3,
+                    output: 2,
+                    cached: 0,
+                }),
+            ),
             (
                 Mode::Chat,
                 concat!(

@@ -52,7 +52,7 @@ pub(crate) enum Messages<'a> {
     /// A list the view cannot read; only the rules can tell.
     Unreadable,
     /// Each message's raw JSON text and verdict.
-    List(Vec<(&'a RawValue, Verdict)>),
+    List(Vec<(&'a str, Verdict)>),
 }
 
 impl Messages<'_> {
@@ -76,14 +76,14 @@ pub(crate) fn messages(raw: &RawValue) -> Messages<'_> {
     if !raw.get().starts_with('[') {
         return Messages::NotAList;
     }
-    let Ok(list) = serde_json::from_str::<Vec<&RawValue>>(raw.get()) else {
+    let Some(list) = elements(raw) else {
         return Messages::Unreadable;
     };
     // A message the view cannot read (a key given twice, say) might be an assistant message
     // that later ones are judged against: then only the rules can tell.
     let Ok(views) = list
         .iter()
-        .map(|message| serde_json::from_str::<Obj<Message<'_>>>(message.get()))
+        .map(|message| serde_json::from_str::<Obj<Message<'_>>>(message))
         .collect::<Result<Vec<_>, _>>()
     else {
         return Messages::Unreadable;
@@ -108,6 +108,81 @@ pub(crate) fn messages(raw: &RawValue) -> Messages<'_> {
         (*raw, verdict)
     });
     Messages::List(verdicts.collect())
+}
+
+/// The elements of a JSON array as raw text, in order; `None` when `raw` is not an array.
+///
+/// A structural scan that only follows strings and nesting: a `RawValue` holds JSON that
+/// serde_json has already checked, so checking it again while taking it apart (as parsing it
+/// into a `Vec<&RawValue>` would) is a second full pass over the body for nothing.
+pub(crate) fn elements(raw: &RawValue) -> Option<Vec<&str>> {
+    let text = raw.get();
+    let bytes = text.as_bytes();
+    if bytes.first() != Some(&b'[') {
+        return None;
+    }
+    let mut out = Vec::new();
+    // Where the current element starts, and how deep inside it the scan is.
+    let mut start: Option<usize> = None;
+    let mut depth = 0usize;
+    let mut i = 1;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'"' => {
+                start.get_or_insert(i);
+                i = after_string(bytes, i + 1)?;
+                continue;
+            }
+            b'[' | b'{' => {
+                start.get_or_insert(i);
+                depth += 1;
+            }
+            b']' | b'}' if depth > 0 => depth -= 1,
+            b']' => {
+                out.extend(start.map(|start| trim_json_end(&text[start..i])));
+                return Some(out);
+            }
+            b',' if depth == 0 => {
+                out.push(trim_json_end(&text[start?..i]));
+                start = None;
+            }
+            b' ' | b'\t' | b'\n' | b'\r' => {}
+            _ => {
+                start.get_or_insert(i);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Where a string whose contents start at `from` ends: just past its closing quote.
+fn after_string(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    loop {
+        i += bytes
+            .get(i..)?
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\')?;
+        if bytes[i] == b'"' {
+            return Some(i + 1);
+        }
+        // An escape: the byte after the backslash is never the end.
+        i += 2;
+    }
+}
+
+fn trim_json_end(text: &str) -> &str {
+    text.trim_end_matches([' ', '\t', '\n', '\r'])
+}
+
+/// Whether `raw` is a string with more than whitespace in it: the rules never change such a
+/// `text` or `content`, nor judge it by more than that.
+pub(crate) fn is_text(raw: &RawValue) -> bool {
+    matches!(
+        serde_json::from_str::<Shape<IgnoredAny>>(raw.get()),
+        Ok(Shape::Text)
+    )
 }
 
 /// Whether the rules would leave a request's `system` as it is.
@@ -668,6 +743,27 @@ mod tests {
 
     use super::super::request::sanitize_request;
     use super::*;
+
+    #[test]
+    fn elements_are_cut_where_a_parser_cuts_them() {
+        #[rustfmt::skip]
+        let cases: &[(&str, Option<&[&str]>)] = &[
+            ("[]", Some(&[])),
+            ("[ ]", Some(&[])),
+            ("[1]", Some(&["1"])),
+            ("[ 1 , -2.5e3 ,true,null ]", Some(&["1", "-2.5e3", "true", "null"])),
+            (r#"["a\"],", "\\", "\\\"", "]}"]"#, Some(&[r#""a\"],""#, r#""\\""#, r#""\\\"""#, r#""]}""#])),
+            (r#"[{"k": "]}", "l": [1, {"m": []}]}, [[], {}],"\u005d"]"#,
+             Some(&[r#"{"k": "]}", "l": [1, {"m": []}]}"#, "[[], {}]", r#""\u005d""#])),
+            ("[\n  {\"a\": 1}\n,\n\t\"b\"\r\n]", Some(&["{\"a\": 1}", "\"b\""])),
+            ("{\"a\": [1]}", None),
+            ("\"[1]\"", None),
+        ];
+        for (text, want) in cases {
+            let raw: &RawValue = serde_json::from_str(text).unwrap();
+            assert_eq!(elements(raw).as_deref(), *want, "{text}");
+        }
+    }
 
     /// What the full path says: whether the request needs no change, and its tools.
     fn full_path(body: &str) -> Option<(bool, ToolContext)> {

@@ -1,6 +1,7 @@
 //! Prometheus metrics, served as text at `/metrics`.
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use fresh_filter::{FilterAction, FilterReport};
@@ -152,19 +153,24 @@ impl StatusClass {
     }
 }
 
-/// Every metric the proxy exports. Cheap to clone: all handles are shared.
+/// Every metric the proxy exports. Cheap to clone: one shared handle.
+///
+/// Each labelled counter is resolved from its family once, here, so that counting on the
+/// request path is one atomic add: no lock, no hashing of a label set.
 #[derive(Clone)]
-pub struct Metrics {
-    requests: Family<ClassLabel, Counter>,
+pub struct Metrics(Arc<Handles>);
+
+struct Handles {
+    requests: [Counter; StatusClass::ALL.len()],
     upstream_latency: Histogram,
     retries: Counter,
-    rotations: Family<ResultLabel, Counter>,
+    rotations: [Counter; RotationResult::ALL.len()],
     token_expiry: Gauge<f64, AtomicU64>,
-    filter_actions: Family<KindLabel, Counter>,
+    filter_actions: [Counter; FilterAction::ALL.len()],
     persist_failures: Counter,
-    rate_limited: Family<OutcomeLabel, Counter>,
+    rate_limited: [Counter; RateLimitOutcome::ALL.len()],
     usage: super::usage::TokenUsage,
-    registry: std::sync::Arc<Registry>,
+    registry: Registry,
 }
 
 impl Default for Metrics {
@@ -185,27 +191,27 @@ impl Metrics {
         let rate_limited = Family::<OutcomeLabel, Counter>::default();
         // Every labelled series exists from the start, at 0: a series that appears only with
         // its first event makes `rate()` and "absent" alerts misread the time before it.
-        for class in StatusClass::ALL {
+        let requests_by_class = StatusClass::ALL.map(|class| {
             requests.get_or_create_owned(&ClassLabel {
                 class: class.as_str(),
-            });
-        }
-        for result in RotationResult::ALL {
+            })
+        });
+        let rotations_by_result = RotationResult::ALL.map(|result| {
             rotations.get_or_create_owned(&ResultLabel {
                 result: result.as_str(),
-            });
-        }
-        for action in FilterAction::ALL {
+            })
+        });
+        let filter_actions_by_kind = FilterAction::ALL.map(|action| {
             filter_actions.get_or_create_owned(&KindLabel {
                 kind: action.as_str(),
-            });
-        }
+            })
+        });
         let persist_failures = Counter::default();
-        for outcome in RateLimitOutcome::ALL {
+        let rate_limited_by_outcome = RateLimitOutcome::ALL.map(|outcome| {
             rate_limited.get_or_create_owned(&OutcomeLabel {
                 outcome: outcome.as_str(),
-            });
-        }
+            })
+        });
         let mut registry = Registry::with_prefix("fresh_proxy");
         registry.register(
             "persist_failures",
@@ -215,7 +221,7 @@ impl Metrics {
         registry.register(
             "requests",
             "Proxied requests by response status class",
-            requests.clone(),
+            requests,
         );
         registry.register(
             "upstream_latency_seconds",
@@ -230,7 +236,7 @@ impl Metrics {
         registry.register(
             "rotations",
             "Token rotations (and OAuth refreshes) by result",
-            rotations.clone(),
+            rotations,
         );
         registry.register(
             "token_seconds_to_expiry",
@@ -240,69 +246,66 @@ impl Metrics {
         registry.register(
             "filter_actions",
             "Content filter changes by kind",
-            filter_actions.clone(),
+            filter_actions,
         );
         registry.register(
             "rate_limited",
             "Upstream 429s by outcome: absorbed (waited out and replayed) or passed to the client",
-            rate_limited.clone(),
+            rate_limited,
         );
         let usage = super::usage::TokenUsage::default();
         usage.register(&mut registry);
-        Self {
+        Self(Arc::new(Handles {
             usage,
-            requests,
+            requests: requests_by_class,
             upstream_latency,
             retries,
-            rotations,
+            rotations: rotations_by_result,
             token_expiry,
-            filter_actions,
+            filter_actions: filter_actions_by_kind,
             persist_failures,
-            rate_limited,
-            registry: std::sync::Arc::new(registry),
-        }
+            rate_limited: rate_limited_by_outcome,
+            registry,
+        }))
     }
 
     /// Count a response by its status class (`2xx`, `4xx`, ...).
     pub fn request(&self, status: u16) {
-        let class = StatusClass::of(status).as_str();
-        self.requests.get_or_create(&ClassLabel { class }).inc();
+        self.0.requests[StatusClass::of(status) as usize].inc();
     }
 
     /// Record how long the upstream took to send response headers.
     pub fn upstream_latency(&self, seconds: f64) {
-        self.upstream_latency.observe(seconds);
+        self.0.upstream_latency.observe(seconds);
     }
 
     /// Count one retry after an upstream 401 or 403.
     pub fn retry(&self) {
-        self.retries.inc();
+        self.0.retries.inc();
     }
 
     /// Count one rotation attempt by its result.
     pub fn rotation(&self, result: RotationResult) {
-        self.rotations
-            .get_or_create(&ResultLabel {
-                result: result.as_str(),
-            })
-            .inc();
+        self.0.rotations[result as usize].inc();
     }
 
     /// Count `count` filter changes of one kind.
     pub fn filter_action(&self, action: FilterAction, count: u64) {
-        self.filter_actions
-            .get_or_create(&KindLabel {
-                kind: action.as_str(),
-            })
-            .inc_by(count);
+        // `FilterAction` is another crate's non-exhaustive enum: no `as usize`.
+        if let Some(slot) = FilterAction::ALL.iter().position(|a| *a == action) {
+            self.0.filter_actions[slot].inc_by(count);
+        }
     }
 
     /// Count every change a filter report holds.
     pub fn filter_report(&self, report: &FilterReport) {
-        for action in FilterAction::ALL {
-            let count = report.get(action);
+        if report.is_empty() {
+            return;
+        }
+        for (action, counter) in FilterAction::ALL.iter().zip(&self.0.filter_actions) {
+            let count = report.get(*action);
             if count > 0 {
-                self.filter_action(action, count);
+                counter.inc_by(count);
             }
         }
     }
@@ -310,30 +313,27 @@ impl Metrics {
     /// Count one failed attempt to save a new token to the config file, the state file or a
     /// sink.
     pub fn persist_failure(&self) {
-        self.persist_failures.inc();
+        self.0.persist_failures.inc();
     }
 
     /// Count one 429 by what became of it.
     pub fn rate_limited(&self, outcome: RateLimitOutcome) {
-        self.rate_limited
-            .get_or_create(&OutcomeLabel {
-                outcome: outcome.as_str(),
-            })
-            .inc();
+        self.0.rate_limited[outcome as usize].inc();
     }
 
     /// Count the tokens one answered model call used.
     pub fn token_usage(&self, model: &str, agent: crate::proxy::Agent, usage: fresh_filter::Usage) {
-        self.usage.record(model, agent, usage);
+        self.0.usage.record(model, agent, usage);
     }
 
     /// Prometheus text exposition, with the token gauge set to `seconds_to_expiry`. An unknown
     /// expiry is NaN, so that no threshold alert mistakes it for "expires now".
     pub fn render(&self, seconds_to_expiry: Option<i64>) -> String {
-        self.token_expiry
+        self.0
+            .token_expiry
             .set(seconds_to_expiry.map_or(f64::NAN, |secs| secs as f64));
         let mut out = String::new();
-        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.0.registry)
             .expect("writing to a String cannot fail");
         out
     }
@@ -372,6 +372,68 @@ mod tests {
                 format!(
                     "fresh_proxy_rate_limited_total{{outcome=\"{}\"}} 0",
                     outcome.as_str()
+                )
+            }));
+        for line in lines {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_label_enum_indexes_its_handles_in_all_order() {
+        // The handle arrays are indexed by discriminant and built in `ALL` order.
+        for (i, class) in StatusClass::ALL.iter().enumerate() {
+            assert_eq!(*class as usize, i, "{class:?}");
+        }
+        for (i, result) in RotationResult::ALL.iter().enumerate() {
+            assert_eq!(*result as usize, i, "{result:?}");
+        }
+        for (i, outcome) in RateLimitOutcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, i, "{outcome:?}");
+        }
+        // And each count lands on its own series.
+        let metrics = Metrics::new();
+        for (n, class) in StatusClass::ALL.iter().enumerate() {
+            let status = [100, 200, 300, 400, 500][n];
+            assert_eq!(StatusClass::of(status), *class);
+            for _ in 0..=n {
+                metrics.request(status);
+            }
+        }
+        for (n, result) in RotationResult::ALL.iter().enumerate() {
+            for _ in 0..=n {
+                metrics.rotation(*result);
+            }
+        }
+        for (n, action) in FilterAction::ALL.iter().enumerate() {
+            metrics.filter_action(*action, n as u64 + 1);
+        }
+        let text = metrics.render(None);
+        let lines = StatusClass::ALL
+            .iter()
+            .enumerate()
+            .map(|(n, class)| {
+                format!(
+                    "fresh_proxy_requests_total{{class=\"{}\"}} {}",
+                    class.as_str(),
+                    n + 1
+                )
+            })
+            .chain(RotationResult::ALL.iter().enumerate().map(|(n, result)| {
+                format!(
+                    "fresh_proxy_rotations_total{{result=\"{}\"}} {}",
+                    result.as_str(),
+                    n + 1
+                )
+            }))
+            .chain(FilterAction::ALL.iter().enumerate().map(|(n, action)| {
+                format!(
+                    "fresh_proxy_filter_actions_total{{kind=\"{}\"}} {}",
+                    action.as_str(),
+                    n + 1
                 )
             }));
         for line in lines {

@@ -1,7 +1,7 @@
 //! Token usage by model and agent: `fresh_proxy_tokens_total{model, agent, kind}`.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use fresh_filter::Usage;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -25,12 +25,21 @@ struct TokenLabels {
     kind: &'static str,
 }
 
-/// The token counters and the model names admitted as labels.
+/// The token counters, and for each model name admitted as a label its counters by agent and
+/// kind, resolved from the family once so that recording an answer allocates nothing.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct TokenUsage {
     tokens: Family<TokenLabels, Counter>,
-    models: Arc<Mutex<HashSet<String>>>,
+    models: Arc<RwLock<HashMap<String, Arc<ByAgent>>>>,
 }
+
+/// One model's counters by agent (in [`Agent::ALL`] order), each agent's made on its first
+/// answer so that only series with counts are listed; then by kind, in [`TOKEN_KINDS`] order.
+#[derive(Debug, Default)]
+struct ByAgent([OnceLock<[Counter; TOKEN_KINDS.len()]>; Agent::ALL.len()]);
+
+/// The label every model past [`MAX_MODELS`] (or with an unprintable name) shares.
+const OTHER_MODEL: &str = "other";
 
 impl TokenUsage {
     pub(crate) fn register(&self, registry: &mut Registry) {
@@ -43,39 +52,52 @@ impl TokenUsage {
 
     /// Count one answer's usage.
     pub(crate) fn record(&self, model: &str, agent: Agent, usage: Usage) {
-        let model = self.label_for(model);
-        for (kind, count) in TOKEN_KINDS
-            .into_iter()
-            .zip([usage.input, usage.output, usage.cached])
-        {
-            self.tokens
-                .get_or_create(&TokenLabels {
-                    model: model.clone(),
+        let (label, counters) = self.counters_for(model);
+        let by_kind = counters.0[agent as usize].get_or_init(|| {
+            TOKEN_KINDS.map(|kind| {
+                self.tokens.get_or_create_owned(&TokenLabels {
+                    model: label.to_owned(),
                     agent: agent.as_str(),
                     kind,
                 })
-                .inc_by(count);
+            })
+        });
+        for (counter, count) in by_kind
+            .iter()
+            .zip([usage.input, usage.output, usage.cached])
+        {
+            counter.inc_by(count);
         }
     }
 
-    fn label_for(&self, model: &str) -> String {
-        let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
-        if models.contains(model) {
-            return model.to_owned();
+    /// The counters of `model`'s label: its own while fewer than [`MAX_MODELS`] names are
+    /// admitted, else those of `other`.
+    fn counters_for<'m>(&self, model: &'m str) -> (&'m str, Arc<ByAgent>) {
+        {
+            let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(counters) = models.get(model) {
+                return (model, Arc::clone(counters));
+            }
         }
+        let mut models = self.models.write().unwrap_or_else(PoisonError::into_inner);
         // Printable, bounded names only: a label is no place for arbitrary client bytes.
         let fits =
             !model.is_empty() && model.len() <= 128 && model.chars().all(|c| c.is_ascii_graphic());
-        if fits && models.len() < MAX_MODELS {
-            models.insert(model.to_owned());
-            return model.to_owned();
-        }
-        "other".to_owned()
+        let admitted = models.keys().filter(|name| *name != OTHER_MODEL).count();
+        let label = if fits && (admitted < MAX_MODELS || models.contains_key(model)) {
+            model
+        } else {
+            OTHER_MODEL
+        };
+        let counters = models.entry(label.to_owned()).or_default();
+        (label, Arc::clone(counters))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     fn render(usage: &TokenUsage) -> String {
@@ -112,6 +134,30 @@ mod tests {
             r#"fresh_proxy_tokens_total{model="databricks-claude-sonnet-4-5",agent="claude-code",kind="cached"} 8"#,
             r#"fresh_proxy_tokens_total{model="databricks-gpt-5",agent="codex",kind="output"} 2"#,
         ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn each_agent_counts_under_its_own_label() {
+        // The counters are indexed by discriminant, in `Agent::ALL` order.
+        let usage = TokenUsage::default();
+        for (n, agent) in Agent::ALL.iter().enumerate() {
+            assert_eq!(*agent as usize, n, "{agent:?}");
+            let usage_n = Usage {
+                input: n as u64 + 1,
+                output: 0,
+                cached: 0,
+            };
+            usage.record("m", *agent, usage_n);
+        }
+        let text = render(&usage);
+        for (n, agent) in Agent::ALL.iter().enumerate() {
+            let line = format!(
+                r#"fresh_proxy_tokens_total{{model="m",agent="{}",kind="input"}} {}"#,
+                agent.as_str(),
+                n + 1
+            );
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
     }

@@ -22,38 +22,38 @@ pub const CREDENTIAL_HEADERS: [&str; 4] =
 /// `Accept-Encoding`, `Expect`), and every credential ([`CREDENTIAL_HEADERS`]): the token goes
 /// in when the request is sent.
 pub fn upstream_request_headers(incoming: &HeaderMap) -> HeaderMap {
-    let mut out = filtered(incoming);
-    for name in [
-        header::HOST,
-        header::CONTENT_LENGTH,
-        header::ACCEPT_ENCODING,
-        header::EXPECT,
-    ] {
-        out.remove(name);
-    }
-    for name in CREDENTIAL_HEADERS {
-        out.remove(name);
-    }
-    out
+    filtered(incoming, |name| {
+        [
+            header::HOST,
+            header::CONTENT_LENGTH,
+            header::ACCEPT_ENCODING,
+            header::EXPECT,
+        ]
+        .contains(name)
+            || CREDENTIAL_HEADERS.contains(&name.as_str())
+    })
 }
 
 /// Response headers to send to the client: everything but hop-by-hop headers and headers the
 /// `Connection` header names.
 pub fn client_response_headers(upstream: &HeaderMap) -> HeaderMap {
-    filtered(upstream)
+    filtered(upstream, |_| false)
 }
 
-fn filtered(headers: &HeaderMap) -> HeaderMap {
+/// The headers to forward, built in one pass: nothing is copied only to be removed again.
+fn filtered(headers: &HeaderMap, also_dropped: impl Fn(&HeaderName) -> bool) -> HeaderMap {
+    // Nearly every request and answer names nothing in `Connection` (or has none): no list.
     let named_by_connection: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !is_hop_by_hop(name))
         .collect();
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
-        if !is_hop_by_hop(name) && !named_by_connection.contains(name) {
+        if !is_hop_by_hop(name) && !also_dropped(name) && !named_by_connection.contains(name) {
             out.append(name.clone(), value.clone());
         }
     }

@@ -14,6 +14,7 @@
 mod agent;
 mod body_budget;
 mod client;
+mod collect;
 mod cooldown;
 mod error;
 pub mod guard;
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use fresh_token::{Token, TokenSource};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
@@ -295,7 +296,7 @@ impl Forwarder {
     async fn read_whole(
         &self,
         headers: &HeaderMap,
-        mut body: Body,
+        body: Body,
         factor: usize,
     ) -> Result<(Bytes, BudgetShare), ProxyError> {
         let too_large = ProxyError::BodyTooLarge {
@@ -309,23 +310,16 @@ impl Forwarder {
         share
             .cover(declared.saturating_mul(factor))
             .map_err(|_| exhausted.clone())?;
-        let mut buffer = BytesMut::with_capacity(declared);
-        while let Some(frame) = body.frame().await {
-            let frame =
-                frame.map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
-            let Ok(chunk) = frame.into_data() else {
-                continue;
-            };
-            let len = buffer.len() + chunk.len();
+        let bytes = collect::whole_body(body, declared, |len| {
             if len > self.max_body {
-                return Err(too_large);
+                return Err(too_large.clone());
             }
             share
                 .cover(len.saturating_mul(factor))
-                .map_err(|_| exhausted.clone())?;
-            buffer.extend_from_slice(&chunk);
-        }
-        Ok((buffer.freeze(), share))
+                .map_err(|_| exhausted.clone())
+        })
+        .await?;
+        Ok((bytes, share))
     }
 
     /// Sends the request once the endpoint's cooldown allows, and again after each 429 while

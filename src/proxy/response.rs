@@ -353,19 +353,8 @@ fn events_body(
                     if let Some((scanner, _)) = &mut state.usage {
                         scanner.push(&chunk);
                     }
-                    state.held.extend_from_slice(&chunk);
-                    let complete = if state.held.len() > MAX_HELD_EVENT {
-                        state.held.len()
-                    } else {
-                        complete_events_len(&state.held)
-                    };
-                    if complete > 0 {
-                        let rest = state.held.split_off(complete);
-                        let out = std::mem::replace(&mut state.held, rest);
-                        return Some((
-                            Ok::<_, std::convert::Infallible>(Bytes::from(out)),
-                            Some(state),
-                        ));
+                    if let Some(out) = complete_events(&mut state.held, chunk) {
+                        return Some((Ok::<_, std::convert::Infallible>(out), Some(state)));
                     }
                 }
                 Some(Err(err)) => {
@@ -384,6 +373,33 @@ fn events_body(
         }
     });
     Body::from_stream(events)
+}
+
+/// Takes `chunk` after what is `held` and returns the complete events, if any: up to the last
+/// blank line, or everything once more than [`MAX_HELD_EVENT`] is waiting. Only a cut-off event
+/// is copied and kept; when nothing was held, the complete events go out as a slice of the
+/// chunk itself.
+fn complete_events(held: &mut Vec<u8>, chunk: Bytes) -> Option<Bytes> {
+    if held.is_empty() {
+        let complete = if chunk.len() > MAX_HELD_EVENT {
+            chunk.len()
+        } else {
+            complete_events_len(&chunk)
+        };
+        held.extend_from_slice(&chunk[complete..]);
+        return (complete > 0).then(|| chunk.slice(..complete));
+    }
+    held.extend_from_slice(&chunk);
+    let complete = if held.len() > MAX_HELD_EVENT {
+        held.len()
+    } else {
+        complete_events_len(held)
+    };
+    if complete == 0 {
+        return None;
+    }
+    let rest = held.split_off(complete);
+    Some(Bytes::from(std::mem::replace(held, rest)))
 }
 
 /// The event that tells a client of `mode` its stream broke off.
@@ -415,7 +431,68 @@ fn error_event(mode: Mode, err: &BodyError) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::complete_events_len;
+    use bytes::Bytes;
+
+    use super::{MAX_HELD_EVENT, complete_events, complete_events_len};
+
+    /// `stream` fed in pieces cut at `cuts`: what goes out, piece by piece.
+    fn relayed(stream: &[u8], cuts: &[usize]) -> Vec<Bytes> {
+        let mut held = Vec::new();
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &to in cuts.iter().chain([&stream.len()]) {
+            let chunk = Bytes::copy_from_slice(&stream[from..to]);
+            out.extend(complete_events(&mut held, chunk));
+            from = to;
+        }
+        out
+    }
+
+    #[test]
+    fn complete_events_go_out_whole_in_order_however_the_stream_is_cut() {
+        let stream: &[u8] = b"event: a\ndata: {\"x\":1}\n\nevent: b\r\ndata: 2\r\n\r\ndata: 3\n\n";
+        for cuts in [
+            vec![],
+            vec![5],
+            vec![24],
+            vec![10, 25, 40],
+            (1..stream.len()).collect(),
+        ] {
+            let out = relayed(stream, &cuts);
+            assert_eq!(out.concat(), stream, "cuts {cuts:?}");
+            for piece in &out {
+                // Every piece ends an event: a failure after it leaves no half event.
+                assert_eq!(complete_events_len(piece), piece.len(), "cuts {cuts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn events_in_one_chunk_go_out_without_a_copy_and_nothing_is_kept() {
+        let chunk = Bytes::from_static(b"data: 1\n\ndata: 2\n\ndata: {\"cut");
+        let mut held = Vec::new();
+        let out = complete_events(&mut held, chunk.clone()).unwrap();
+        assert_eq!(&out[..], b"data: 1\n\ndata: 2\n\n");
+        assert_eq!(out.as_ptr(), chunk.as_ptr());
+        assert_eq!(held, b"data: {\"cut");
+        let out = complete_events(&mut held, Bytes::from_static(b"\"}\n\n")).unwrap();
+        assert_eq!(&out[..], b"data: {\"cut\"}\n\n");
+        assert!(held.is_empty() && held.capacity() == 0);
+    }
+
+    #[test]
+    fn an_event_past_the_bound_goes_out_as_it_is() {
+        let mut held = Vec::new();
+        let big = Bytes::from(vec![b'x'; MAX_HELD_EVENT + 1]);
+        assert_eq!(
+            complete_events(&mut held, big).unwrap().len(),
+            MAX_HELD_EVENT + 1
+        );
+        assert!(held.is_empty());
+        assert!(complete_events(&mut held, Bytes::from(vec![b'y'; MAX_HELD_EVENT])).is_none());
+        let out = complete_events(&mut held, Bytes::from_static(b"z")).unwrap();
+        assert_eq!(out.len(), MAX_HELD_EVENT + 1);
+    }
 
     #[test]
     fn complete_events_len_stops_at_the_last_blank_line() {
