@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::binary::{ProxyProcess, command};
 use common::fake_workspace::{FakeWorkspace, TokenKind};
 use common::load::Load;
-use common::{JsonBody, http_client, wait_until};
-use serde_json::{Value, json};
+use common::{JsonBody, health, http_client, wait_until};
+use serde_json::json;
 
 const COMMENT: &str = "fresh-proxy-auto-rotated";
 
@@ -48,11 +48,6 @@ async fn start(cmd: std::process::Command) -> ProxyProcess {
         .unwrap()
 }
 
-async fn health(url: &str) -> Value {
-    let text = common::get_text(format!("{url}/health")).await;
-    serde_json::from_str(&text).unwrap()
-}
-
 /// Tokens this proxy minted that the workspace still accepts.
 fn live_minted(ws: &FakeWorkspace) -> usize {
     ws.live_tokens()
@@ -74,14 +69,8 @@ async fn ten_rotations_under_load_fail_no_request() {
         ws.stats().creates >= 11
     })
     .await;
-    let (served, failures) = load.finish().await;
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed: {failures:?}",
-        failures.len(),
-        served + failures.len()
-    );
-    assert!(served > 100, "only {served} requests were sent");
+    load.finish_without_failures("rotations under load", 100)
+        .await;
 
     let h = health(&proxy.url()).await;
     assert_eq!(h["token"]["source"], "pat-rotating");
@@ -227,12 +216,5 @@ async fn two_instances_one_rotates_and_the_other_takes_over() {
         || async { ws.stats().creates > creates },
     )
     .await;
-    let (served, failures) = load.finish().await;
-    assert!(
-        failures.is_empty(),
-        "{} of {} follower requests failed: {failures:?}",
-        failures.len(),
-        served + failures.len()
-    );
-    assert!(served > 20);
+    load.finish_without_failures("follower", 20).await;
 }

@@ -51,6 +51,23 @@ impl Load {
         Self { stop, ok, clients }
     }
 
+    /// Stop the clients and check that none of at least `min_served` requests failed; `what`
+    /// names the phase in a failure. Returns the requests served.
+    pub async fn finish_without_failures(self, what: &str, min_served: usize) -> usize {
+        let (served, failures) = self.finish().await;
+        assert!(
+            failures.is_empty(),
+            "{what}: {} of {} requests failed: {failures:?}",
+            failures.len(),
+            served + failures.len()
+        );
+        assert!(
+            served > min_served,
+            "{what}: only {served} requests were sent"
+        );
+        served
+    }
+
     /// Stop the clients: `(requests served, statuses of those that failed)`.
     pub async fn finish(self) -> (usize, Vec<u16>) {
         self.stop.store(true, Ordering::Relaxed);

@@ -11,3 +11,9 @@ pub mod load;
 pub mod unprivileged;
 
 pub use fresh_test_support::*;
+
+/// `GET {url}/health`, as JSON.
+pub async fn health(url: &str) -> serde_json::Value {
+    let text = get_text(format!("{url}/health")).await;
+    serde_json::from_str(&text).unwrap()
+}
