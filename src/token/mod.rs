@@ -137,7 +137,6 @@ impl TokenSetup {
                         None => Prefix::Lookup {
                             api: TokenApi::new(client.clone(), &rotator_config.host),
                             host: rotator_config.host.clone(),
-                            token: starting_token(config, env_token.as_ref()),
                         },
                     };
                     Box::new(EtcdCoordination::new(etcd, member_name(), prefix))
@@ -214,16 +213,4 @@ impl TokenSetup {
             task(cancel).await;
         }
     }
-}
-
-/// The token a fleet member starts with, to find its user for the default etcd prefix: the
-/// config file's, else `DATABRICKS_TOKEN`.
-fn starting_token(
-    config: &Config,
-    env_token: Option<&fresh_token::Token>,
-) -> Option<fresh_token::Token> {
-    fresh_token::databrickscfg::read_profile(&config.config_file, &config.profile)
-        .ok()
-        .and_then(|profile| profile.token)
-        .or_else(|| env_token.cloned())
 }

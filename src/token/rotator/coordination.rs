@@ -15,7 +15,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use fresh_token::Token;
+use fresh_token::{SharedToken, Token};
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -142,7 +142,9 @@ pub trait Coordination: Send + Sync + fmt::Debug {
     fn member(&self) -> &str;
 
     /// Start any background work (keeping a lease alive, watching the record) until `cancel`.
-    fn start(&mut self, _cancel: CancellationToken) {}
+    /// `current` is the token this member serves, for a backend that must ask who it belongs
+    /// to.
+    fn start(&mut self, _cancel: CancellationToken, _current: SharedToken) {}
 
     /// Become or stay the leader, without waiting: `Ok(true)` while this member leads, so it
     /// may mint, publish and revoke. An error is a local fault a person must fix (a lock file

@@ -170,7 +170,8 @@ impl Engine {
     }
 
     pub(super) async fn run(mut self, cancel: CancellationToken) {
-        self.coordination.start(cancel.child_token());
+        self.coordination
+            .start(cancel.child_token(), self.shared.clone());
         if self.is_rotating() {
             tracing::info!(
                 config_file = %self.config.config_file.display(),

@@ -23,7 +23,7 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, Identity, PutOptions,
     TlsOptions, Txn, TxnOp, WatchOptions,
 };
-use fresh_token::Token;
+use fresh_token::{SharedToken, Token, TokenSource};
 use futures_util::future::BoxFuture;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
@@ -102,16 +102,17 @@ fn read(path: &PathBuf) -> std::io::Result<Vec<u8>> {
 pub enum Prefix {
     /// Given.
     Fixed(String),
-    /// Ask the token API who `token` belongs to.
+    /// Ask the token API who the member's token belongs to.
     Lookup {
         /// The token API of the workspace.
         api: TokenApi,
         /// The workspace URL, without a trailing slash.
         host: String,
-        /// The token this member starts with.
-        token: Option<Token>,
     },
 }
+
+/// Why a member without `PAT_ETCD_PREFIX` cannot join yet.
+const NO_TOKEN: &str = "no PAT_ETCD_PREFIX and no token to find the user";
 
 /// The default prefix for a workspace and user.
 pub fn default_prefix(host: &str, user: &str) -> String {
@@ -195,7 +196,7 @@ impl Coordination for EtcdCoordination {
         &self.member
     }
 
-    fn start(&mut self, cancel: CancellationToken) {
+    fn start(&mut self, cancel: CancellationToken, current: SharedToken) {
         let Some(prefix) = self.prefix.take() else {
             return;
         };
@@ -204,7 +205,7 @@ impl Coordination for EtcdCoordination {
             name: self.member.clone(),
             shared: self.shared.clone(),
         };
-        tokio::spawn(member.run(prefix, cancel));
+        tokio::spawn(member.run(prefix, current, cancel));
     }
 
     fn poll_leadership(&mut self) -> std::io::Result<bool> {
@@ -327,8 +328,8 @@ impl Member {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn run(self, prefix: Prefix, cancel: CancellationToken) {
-        let Some(prefix) = self.resolve(prefix, &cancel).await else {
+    async fn run(self, prefix: Prefix, current: SharedToken, cancel: CancellationToken) {
+        let Some(prefix) = self.resolve(prefix, &current, &cancel).await else {
             return;
         };
         tracing::info!(prefix = %prefix, member = %self.name, "joining the fleet on etcd");
@@ -361,21 +362,31 @@ impl Member {
         }
     }
 
-    /// The key prefix: given, or found from the token's user.
-    async fn resolve(&self, prefix: Prefix, cancel: &CancellationToken) -> Option<String> {
-        let (api, host, token) = match prefix {
+    /// The key prefix: given, or found from the user of the token this member serves.
+    async fn resolve(
+        &self,
+        prefix: Prefix,
+        current: &SharedToken,
+        cancel: &CancellationToken,
+    ) -> Option<String> {
+        let (api, host) = match prefix {
             Prefix::Fixed(prefix) => return Some(prefix),
-            Prefix::Lookup { api, host, token } => (api, host, token),
-        };
-        let Some(token) = token else {
-            tracing::error!(
-                "PAT_COORDINATION=etcd: no token to find the user with; set PAT_ETCD_PREFIX"
-            );
-            self.shared().error = Some("no PAT_ETCD_PREFIX and no token to find the user".into());
-            return None;
+            Prefix::Lookup { api, host } => (api, host),
         };
         let mut delay = Duration::from_secs(1);
         loop {
+            let Some(token) = current.current() else {
+                if self.shared().error.replace(NO_TOKEN.to_owned()).as_deref() != Some(NO_TOKEN) {
+                    tracing::error!(
+                        "PAT_COORDINATION=etcd: no token to find the user with; set PAT_ETCD_PREFIX"
+                    );
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = cancel.cancelled() => return None,
+                }
+                continue;
+            };
             match api.me(&token).await {
                 Ok(user) => return Some(default_prefix(&host, &user)),
                 Err(err) => {
