@@ -218,7 +218,7 @@ impl Coordination for EtcdCoordination {
         record: &'a TokenRecord,
     ) -> BoxFuture<'a, Result<(), PublishError>> {
         Box::pin(async move {
-            let (term, client, prefix) = {
+            let (term, mut client, prefix) = {
                 let shared = self.shared();
                 match (shared.term, shared.client.clone(), shared.prefix.clone()) {
                     (Some(term), Some(client), Some(prefix)) if Instant::now() < term.until => {
@@ -237,7 +237,6 @@ impl Coordination for EtcdCoordination {
                 }
             };
             let keys = Keys::new(&prefix);
-            let mut client = client;
             let txn = Txn::new()
                 .when([Compare::create_revision(
                     keys.leader.clone(),
