@@ -29,6 +29,10 @@ pub struct RequestOutcome {
     pub report: FilterReport,
     /// The tools the request declared, for fixing its response.
     pub tools: ToolContext,
+    /// The model the request is for: the one [`RequestContext`] named, or else the body's
+    /// `model`. Only [`RequestSanitizer::sanitize_for`] fills it in, from the body's members as
+    /// it reads them for the rules, so that a caller needs no second read to learn it.
+    pub model: Option<String>,
 }
 
 impl RequestOutcome {
@@ -38,6 +42,7 @@ impl RequestOutcome {
             body: None,
             report: FilterReport::default(),
             tools,
+            model: None,
         }
     }
 
@@ -47,6 +52,7 @@ impl RequestOutcome {
             body: Some(body),
             report,
             tools,
+            model: None,
         }
     }
 }
@@ -131,14 +137,25 @@ impl RequestSanitizer {
         }
         // The body's members are read once, for the model, the rules and the sanitising.
         let members = view::members(body);
-        let named_in_body;
         let model = match context.model {
-            Some(model) => Some(model),
-            None => {
-                named_in_body = model_in(body, members.as_deref());
-                named_in_body.as_deref()
-            }
+            Some(model) => Some(model.to_owned()),
+            None => model_in(body, members.as_deref()),
         };
+        let mut outcome =
+            self.sanitize_members_for(body, members, rules, context, model.as_deref());
+        outcome.model = model;
+        outcome
+    }
+
+    /// [`Self::sanitize_for`] once the model is known.
+    fn sanitize_members_for(
+        &self,
+        body: &[u8],
+        members: Option<Vec<(Cow<'_, str>, &RawValue)>>,
+        rules: &ModelRules,
+        context: &RequestContext<'_>,
+        model: Option<&str>,
+    ) -> RequestOutcome {
         let removals = rules.removals(context.mode, model);
         let inject = context.inject_stream_usage && context.mode == Mode::Chat;
         let (ruled, mut report) = apply_rules(body, members.as_deref(), &removals, inject);
@@ -800,6 +817,28 @@ mod tests {
 
     fn text(t: &str) -> Value {
         json!({"type": "text", "text": t})
+    }
+
+    #[test]
+    fn the_outcome_names_the_model_from_the_context_or_else_the_body() {
+        let body = br#"{"messages": [], "model": "databricks-claude-sonnet-4"}"#;
+        let sanitizer = RequestSanitizer::new();
+        let rules = ModelRules::builtin();
+        let cases: &[(Option<&str>, Option<&str>)] = &[
+            (None, Some("databricks-claude-sonnet-4")),
+            (Some("gemini-2.5-pro"), Some("gemini-2.5-pro")),
+        ];
+        for (named, expected) in cases {
+            let context = RequestContext {
+                mode: Mode::Chat,
+                model: *named,
+                inject_stream_usage: false,
+            };
+            let outcome = sanitizer.sanitize_for(body, &rules, &context);
+            assert_eq!(outcome.model.as_deref(), *expected, "{named:?}");
+        }
+        let not_an_object = sanitizer.sanitize_for(b"[]", &rules, &RequestContext::new(Mode::Chat));
+        assert_eq!(not_an_object.model, None);
     }
 
     #[test]

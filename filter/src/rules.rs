@@ -218,12 +218,12 @@ impl TryFrom<String> for Glob {
 impl Glob {
     /// Whether `name` matches.
     pub fn matches(&self, name: &str) -> bool {
-        let name = name.to_ascii_lowercase();
         glob_match(self.0.as_bytes(), name.as_bytes())
     }
 }
 
 /// Iterative wildcard match with one backtrack point: linear in practice, never exponential.
+/// `pattern` is lower case already; `text` is compared without case.
 fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
@@ -233,7 +233,7 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
                 star = Some((p, t));
                 p += 1;
             }
-            Some(&c) if c == b'?' || c == text[t] => {
+            Some(&c) if c == b'?' || c == text[t].to_ascii_lowercase() => {
                 p += 1;
                 t += 1;
             }

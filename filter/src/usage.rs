@@ -43,10 +43,38 @@ pub struct Usage {
 
 /// The usage a whole JSON answer reports, if any.
 pub fn usage_of_json(mode: Mode, body: &[u8]) -> Option<Usage> {
-    let value: Value = serde_json::from_slice(body).ok()?;
+    if !may_name_usage(body) {
+        return None;
+    }
+    let value = usage_members(body)?;
     let mut state = State::default();
     state.read(mode, &value);
     state.usage
+}
+
+/// The members of a JSON object that [`State::read`] looks at, as an object of their own; the
+/// rest (an answer's text, its tool calls) is skipped over without being kept. `None`: not a
+/// JSON object.
+fn usage_members(body: &[u8]) -> Option<Value> {
+    #[derive(serde::Deserialize)]
+    struct UsageMembers {
+        usage: Option<Value>,
+        response: Option<Value>,
+        message: Option<Value>,
+        #[serde(rename = "usageMetadata")]
+        usage_metadata: Option<Value>,
+    }
+    let members: UsageMembers = serde_json::from_slice(body).ok()?;
+    let object = [
+        ("usage", members.usage),
+        ("response", members.response),
+        ("message", members.message),
+        ("usageMetadata", members.usage_metadata),
+    ]
+    .into_iter()
+    .filter_map(|(key, value)| Some((key.to_owned(), value?)))
+    .collect();
+    Some(Value::Object(object))
 }
 
 #[derive(Default)]
@@ -245,7 +273,7 @@ impl UsageScanner {
         let data = std::mem::take(&mut self.data);
         if data.first() == Some(&b'{')
             && may_name_usage(&data)
-            && let Ok(value) = serde_json::from_slice::<Value>(&data)
+            && let Some(value) = usage_members(&data)
         {
             let mut state = State { usage: self.usage };
             state.read(self.mode, &value);

@@ -133,7 +133,7 @@ impl Forwarder {
     async fn forward(&self, req: Request) -> Result<Response, ProxyError> {
         let (parts, body) = req.into_parts();
         let target = self.target(&parts.uri)?;
-        let url = target.url;
+        let uri = target.uri;
         let token = parts.extensions.get::<Token>().cloned();
         let headers = upstream_request_headers(&parts.headers);
 
@@ -144,7 +144,7 @@ impl Forwarder {
         }
         let agent = Agent::of(&parts.headers);
         let path_model = match target.mode {
-            Mode::Gemini => routes::gemini_model(url.path()),
+            Mode::Gemini => routes::gemini_model(uri.path()),
             _ => None,
         };
         // Held until the answer's headers are in: the body stays in memory until then.
@@ -159,7 +159,7 @@ impl Forwarder {
         let mut upstream = self
             .send_when_allowed(
                 &method,
-                &url,
+                &uri,
                 &headers,
                 &mut outgoing,
                 token.as_ref(),
@@ -184,7 +184,7 @@ impl Forwarder {
             upstream = self
                 .send_when_allowed(
                     &method,
-                    &url,
+                    &uri,
                     &headers,
                     &mut outgoing,
                     Some(&fresh),
@@ -269,17 +269,17 @@ impl Forwarder {
         let sanitizer = Arc::clone(&self.sanitizer);
         let rules = Arc::clone(&self.rules);
         let inject_stream_usage = self.inject_stream_usage;
-        // Finding the model reads the whole body too, so it runs where the filter runs.
-        let (outcome, model) = off_worker_if_large(&bytes, move |body| {
-            let model = path_model.or_else(|| fresh_filter::request_model(body));
+        // The filter finds the body's model as it reads the body for the rules.
+        let mut outcome = off_worker_if_large(&bytes, move |body| {
             let context = RequestContext {
                 mode,
-                model: model.as_deref(),
+                model: path_model.as_deref(),
                 inject_stream_usage,
             };
-            (sanitizer.sanitize_for(body, &rules, &context), model)
+            sanitizer.sanitize_for(body, &rules, &context)
         })
         .await;
+        let model = outcome.model.take();
         self.metrics.filter_report(&outcome.report);
         if !outcome.report.is_empty() {
             tracing::debug!(report = ?outcome.report, "request sanitised");
@@ -328,7 +328,7 @@ impl Forwarder {
     async fn send_when_allowed(
         &self,
         method: &Method,
-        url: &Url,
+        uri: &http::Uri,
         headers: &HeaderMap,
         outgoing: &mut Outgoing,
         token: Option<&Token>,
@@ -337,7 +337,7 @@ impl Forwarder {
         let limits = &self.rate_limits;
         if !limits.enabled() {
             let upstream = self
-                .send(method, url, headers, outgoing.next_body(), token)
+                .send(method, uri, headers, outgoing.next_body(), token)
                 .await?;
             if upstream.status() == StatusCode::TOO_MANY_REQUESTS {
                 self.metrics.rate_limited(RateLimitOutcome::Passed);
@@ -346,7 +346,7 @@ impl Forwarder {
         }
         let deadline = held.deadline;
         if limits.any() {
-            let key = held.key(url, outgoing);
+            let key = held.key(uri, outgoing);
             if let Err(TooLong { retry_after }) = limits.wait_turn(key, deadline).await {
                 self.metrics.rate_limited(RateLimitOutcome::Passed);
                 return Err(ProxyError::RateLimited {
@@ -356,15 +356,15 @@ impl Forwarder {
         }
         loop {
             let upstream = self
-                .send(method, url, headers, outgoing.next_body(), token)
+                .send(method, uri, headers, outgoing.next_body(), token)
                 .await?;
             if upstream.status() != StatusCode::TOO_MANY_REQUESTS {
                 if limits.any() {
-                    limits.answered(held.key(url, outgoing));
+                    limits.answered(held.key(uri, outgoing));
                 }
                 return Ok(upstream);
             }
-            let key = held.key(url, outgoing);
+            let key = held.key(uri, outgoing);
             let retry_after = upstream
                 .headers()
                 .get(RETRY_AFTER)
@@ -411,7 +411,7 @@ impl Forwarder {
     async fn send(
         &self,
         method: &Method,
-        url: &Url,
+        uri: &http::Uri,
         headers: &HeaderMap,
         body: OutgoingBody,
         token: Option<&Token>,
@@ -420,12 +420,9 @@ impl Forwarder {
         if let Some(token) = token {
             headers.insert(http::header::AUTHORIZATION, token.header_value().clone());
         }
-        let uri: http::Uri = url.as_str().parse().map_err(|_| {
-            ProxyError::BadRequest("the upstream URL is not a valid request target")
-        })?;
         let mut request = http::Request::new(body);
         *request.method_mut() = method.clone();
-        *request.uri_mut() = uri;
+        *request.uri_mut() = uri.clone();
         *request.headers_mut() = headers;
         let started = Instant::now();
         let sent = tokio::time::timeout(self.upstream_timeout, self.client.send(request)).await;
@@ -469,13 +466,13 @@ impl Held {
         }
     }
 
-    fn key(&mut self, url: &Url, outgoing: &Outgoing) -> &str {
+    fn key(&mut self, uri: &http::Uri, outgoing: &Outgoing) -> &str {
         self.key.get_or_insert_with(|| {
             let body = match outgoing {
                 Outgoing::Buffered(bytes) => Some(&bytes[..]),
                 Outgoing::Streaming(_) => None,
             };
-            endpoint_key(url, body)
+            endpoint_key(uri, body)
         })
     }
 }

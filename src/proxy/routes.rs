@@ -56,7 +56,7 @@ pub enum Refusal {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     /// The full upstream URL, query included.
-    pub url: Url,
+    pub uri: http::Uri,
     /// The route's mode.
     pub mode: Mode,
 }
@@ -152,33 +152,53 @@ impl RouteTable {
         }
         let rest = &path[route.prefix.len()..];
         let base = route.upstream.as_str().trim_end_matches('/');
-        let mut text = format!("{base}{rest}");
+        let mut text =
+            String::with_capacity(base.len() + rest.len() + query.map_or(0, |q| q.len() + 1));
+        text.push_str(base);
+        text.push_str(rest);
         if let Some(query) = query {
             text.push('?');
             text.push_str(query);
         }
-        let url = Url::parse(&text).map_err(|_| Refusal::LeavesBase)?;
-        // `..` and its encoded forms are resolved by the parser: the result must still be
-        // inside the route's base, on its host.
-        let base_path = route.upstream.path().trim_end_matches('/');
-        let inside = url.path() == base_path || url.path().starts_with(&format!("{base_path}/"));
-        if !same_origin(&url, &route.upstream) || !inside {
-            return Err(Refusal::LeavesBase);
+        if !is_plain(rest, query) {
+            let url = Url::parse(&text).map_err(|_| Refusal::LeavesBase)?;
+            // `..` and its encoded forms are resolved by the parser: the result must still be
+            // inside the route's base, on its host.
+            let base_path = route.upstream.path().trim_end_matches('/');
+            let inside =
+                url.path() == base_path || url.path().starts_with(&format!("{base_path}/"));
+            if !same_origin(&url, &route.upstream) || !inside {
+                return Err(Refusal::LeavesBase);
+            }
+            text = url.into();
         }
+        let uri = http::Uri::try_from(text).map_err(|_| Refusal::LeavesBase)?;
         // Whatever a route says, the workspace's own API stays out of reach but for MCP.
-        if same_origin(&url, &self.workspace) {
-            if is_token_api(url.path()) {
+        if same_origin(&route.upstream, &self.workspace) {
+            if is_token_api(uri.path()) {
                 return Err(Refusal::TokenApi);
             }
-            if is_api(url.path()) && !matches_prefix(url.path(), MCP_PREFIX) {
+            if is_api(uri.path()) && !matches_prefix(uri.path(), MCP_PREFIX) {
                 return Err(Refusal::NotRoutable);
             }
         }
         Ok(Target {
-            url,
+            uri,
             mode: route.mode,
         })
     }
+}
+
+/// Whether the URL parser would keep `rest` (a path from `/`) and `query` as they are, so that
+/// a base URL followed by them needs no parsing: no dot segments, no percent-escapes in the path
+/// (`%2e` is a dot), and only characters that it neither escapes nor rewrites.
+fn is_plain(rest: &str, query: Option<&str>) -> bool {
+    let kept = |b: u8| b.is_ascii_alphanumeric() || b"-._~/:@!$&()*+,;=".contains(&b);
+    rest.bytes().all(kept)
+        && !rest
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+        && query.is_none_or(|query| query.bytes().all(|b| kept(b) || b == b'?' || b == b'%'))
 }
 
 const MCP_PREFIX: &str = "/api/2.0/mcp";
@@ -203,14 +223,18 @@ fn matches_prefix(path: &str, prefix: &str) -> bool {
 }
 
 fn is_api(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    lower == "/api" || lower.starts_with("/api/")
+    path.eq_ignore_ascii_case("/api") || starts_with_ignoring_case(path, "/api/")
 }
 
 fn is_token_api(path: &str) -> bool {
     // Both spellings the workspace answers: `/api/2.0/token/...` and `/api/2.0/token-management/...`.
-    let lower = path.to_ascii_lowercase();
-    lower.starts_with("/api/2.0/token")
+    starts_with_ignoring_case(path, "/api/2.0/token")
+}
+
+fn starts_with_ignoring_case(text: &str, prefix: &str) -> bool {
+    text.as_bytes()
+        .get(..prefix.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
 fn same_origin(a: &Url, b: &Url) -> bool {
@@ -437,8 +461,48 @@ mod tests {
             let target = table
                 .resolve(path)
                 .unwrap_or_else(|r| panic!("{path}: {r:?}"));
-            assert_eq!(target.url.as_str(), *expected, "{path}");
+            assert_eq!(target.uri.to_string(), *expected, "{path}");
             assert_eq!(target.mode, *mode, "{path}");
+        }
+    }
+
+    #[test]
+    fn paths_the_parser_would_keep_are_not_parsed_and_come_out_the_same() {
+        // (path and query, whether it needs no parsing)
+        let cases: &[(&str, bool)] = &[
+            ("/databricks-claude-3.7-sonnet/invocations", true),
+            ("/chat/completions", true),
+            (
+                "/gemini/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
+                true,
+            ),
+            ("/my-endpoint/invocations?x=1&y=%20z", true),
+            ("/a/./b", false),
+            ("/a/../b", false),
+            ("/a/%2e%2e/b", false),
+            ("/a%20b", false),
+            ("/a/b?q='x'", false),
+            ("/a/b?q=\"x\"", false),
+            ("/a\\b", false),
+        ];
+        let table = table();
+        for (path_and_query, plain) in cases {
+            let (path, query) = match path_and_query.split_once('?') {
+                Some((path, query)) => (path, Some(query)),
+                None => (*path_and_query, None),
+            };
+            assert_eq!(is_plain(path, query), *plain, "{path_and_query}");
+            // Whichever way it went, the target is what the URL parser makes of it.
+            let parsed = Url::parse(&format!(
+                "https://ws.example.com/serving-endpoints{path_and_query}"
+            ));
+            match (table.resolve(path_and_query), parsed) {
+                (Ok(target), Ok(url)) => {
+                    assert_eq!(target.uri.to_string(), url.as_str(), "{path_and_query}")
+                }
+                (Err(Refusal::LeavesBase), _) => assert!(!plain, "{path_and_query}"),
+                (other, _) => panic!("{path_and_query}: {other:?}"),
+            }
         }
     }
 
@@ -488,7 +552,7 @@ mod tests {
         let table = RouteTable::defaults(&host, &url("http://127.0.0.1:9000/base"));
         let target = table.resolve("/chat/completions?x=1").unwrap();
         assert_eq!(
-            target.url.as_str(),
+            target.uri.to_string(),
             "http://127.0.0.1:9000/base/chat/completions?x=1"
         );
         assert_eq!(table.resolve("/../etc"), Err(Refusal::LeavesBase));
@@ -497,7 +561,7 @@ mod tests {
             .resolve("/serving-endpoints/chat/completions")
             .unwrap();
         assert_eq!(
-            target.url.as_str(),
+            target.uri.to_string(),
             "https://ws.example.com/serving-endpoints/chat/completions"
         );
     }
@@ -546,7 +610,7 @@ mod tests {
         ];
         for (path, expected, mode) in cases {
             let target = table.resolve(path).unwrap();
-            assert_eq!(target.url.as_str(), *expected, "{path}");
+            assert_eq!(target.uri.to_string(), *expected, "{path}");
             assert_eq!(target.mode, *mode, "{path}");
         }
         assert_eq!(
