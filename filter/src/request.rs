@@ -253,6 +253,38 @@ fn model_in(body: &[u8], members: Option<&[(Cow<'_, str>, &RawValue)]>) -> Optio
     }
 }
 
+/// Whether the rules may change anything, read without parsing: a removal needs its first
+/// member, and inside it (for a nested path) its last name as a string; the injection needs a
+/// `stream` member and no `stream_options`. With the members at hand only the member a path
+/// starts from is searched; without them (a key given twice), the whole body.
+fn may_apply(
+    body: &[u8],
+    members: Option<&[(Cow<'_, str>, &RawValue)]>,
+    removals: &[&FieldPath],
+    inject: bool,
+) -> bool {
+    let Some(members) = members else {
+        let text = String::from_utf8_lossy(body);
+        let injectable = inject && names(&text, "stream") && !names(&text, "stream_options");
+        return injectable || removals.iter().any(|path| names(&text, path.leaf()));
+    };
+    let member = |name: &str| members.iter().find(|(key, _)| key == name);
+    let injectable = inject && member("stream").is_some() && member("stream_options").is_none();
+    injectable
+        || removals.iter().any(|path| {
+            member(path.head())
+                .is_some_and(|(_, raw)| path.is_top_level() || names(raw.get(), path.leaf()))
+        })
+}
+
+/// Whether `text` holds `name` as a string (a key, or a value that happens to be the same):
+/// `"name"`, without building that needle.
+fn names(text: &str, name: &str) -> bool {
+    let bytes = text.as_bytes();
+    text.match_indices(name)
+        .any(|(at, _)| at > 0 && bytes[at - 1] == b'"' && bytes.get(at + name.len()) == Some(&b'"'))
+}
+
 /// Removes what `removals` name and asks for stream usage when `inject`; only the members a
 /// rule touches are parsed and written anew. `None`: nothing changed.
 fn apply_rules(
@@ -262,15 +294,7 @@ fn apply_rules(
     inject: bool,
 ) -> (Option<Vec<u8>>, FilterReport) {
     let mut report = FilterReport::default();
-    // The body is checked for UTF-8 once, not again for every name looked for.
-    let text = std::str::from_utf8(body).ok();
-    let has = |needle: &str| match text {
-        Some(text) => text.contains(needle),
-        None => super::contains(body, needle),
-    };
-    let touched = |path: &&FieldPath| has(&format!("\"{}\"", path.leaf()));
-    let injectable = inject && has("\"stream\"") && !has("\"stream_options\"");
-    if !injectable && !removals.iter().any(touched) {
+    if !may_apply(body, members, removals, inject) {
         return (None, report);
     }
     let Some(members) = members else {
@@ -817,6 +841,30 @@ mod tests {
 
     fn text(t: &str) -> Value {
         json!({"type": "text", "text": t})
+    }
+
+    #[test]
+    fn names_finds_a_name_only_between_quotes() {
+        let cases: &[(&str, &str, bool)] = &[
+            (r#"{"reasoning_effort": "low"}"#, "reasoning_effort", true),
+            (
+                r#"{"effort": "reasoning_effort"}"#,
+                "reasoning_effort",
+                true,
+            ),
+            (r#"{"reasoning_effort_x": 1}"#, "reasoning_effort", false),
+            (r#"{"x_reasoning_effort": 1}"#, "reasoning_effort", false),
+            ("reasoning_effort", "reasoning_effort", false),
+            (
+                r#"{"a": "stream", "stream_options": {}}"#,
+                "stream_options",
+                true,
+            ),
+            (r#"{"a": 1}"#, "stream", false),
+        ];
+        for (text, name, expected) in cases {
+            assert_eq!(names(text, name), *expected, "{name} in {text}");
+        }
     }
 
     #[test]
