@@ -26,18 +26,22 @@ pub(crate) fn without_tokens<'a>(
     res: Response,
     tokens: impl IntoIterator<Item = &'a Token>,
 ) -> Response {
-    let mut secrets: Vec<Box<[u8]>> = Vec::new();
+    // At most two tokens (the one sent and the one of a retry): no list is allocated for them.
+    let mut secrets: [&[u8]; 2] = [&[]; 2];
+    let mut count = 0;
     for token in tokens {
-        let secret: Box<[u8]> = token.expose_secret().as_bytes().into();
-        if !secret.is_empty() && !secrets.contains(&secret) {
-            secrets.push(secret);
+        let secret = token.expose_secret().as_bytes();
+        if !secret.is_empty() && !secrets[..count].contains(&secret) && count < secrets.len() {
+            secrets[count] = secret;
+            count += 1;
         }
     }
+    let secrets = &secrets[..count];
     if secrets.is_empty() {
         return res;
     }
     let (mut parts, body) = res.into_parts();
-    scrub_headers(&mut parts.headers, &secrets);
+    scrub_headers(&mut parts.headers, secrets);
     let is_stream = parts
         .headers
         .get(CONTENT_TYPE)
@@ -53,17 +57,24 @@ pub(crate) fn without_tokens<'a>(
     }
     // Replacing changes the length.
     parts.headers.remove(CONTENT_LENGTH);
-    Response::from_parts(parts, scrubbed_body(body, secrets.into()))
+    let owned: Arc<[Box<[u8]>]> = secrets.iter().map(|&secret| secret.into()).collect();
+    Response::from_parts(parts, scrubbed_body(body, owned))
 }
 
-fn scrub_headers(headers: &mut HeaderMap, secrets: &[Box<[u8]>]) {
+/// Headers are only copied where a secret is found in them, which is almost never.
+fn scrub_headers(headers: &mut HeaderMap, secrets: &[&[u8]]) {
     for value in headers.values_mut() {
-        let mut bytes = value.as_bytes().to_vec();
-        if redact(&mut bytes, secrets) {
-            // The redacted value is the original with visible ASCII swapped in: still valid.
-            *value = HeaderValue::from_bytes(&bytes)
-                .unwrap_or_else(|_| HeaderValue::from_static("[redacted]"));
+        if !secrets
+            .iter()
+            .any(|secret| find(value.as_bytes(), secret).is_some())
+        {
+            continue;
         }
+        let mut bytes = value.as_bytes().to_vec();
+        redact(&mut bytes, secrets);
+        // The redacted value is the original with visible ASCII swapped in: still valid.
+        *value = HeaderValue::from_bytes(&bytes)
+            .unwrap_or_else(|_| HeaderValue::from_static("[redacted]"));
     }
 }
 
@@ -98,9 +109,10 @@ fn scrubbed_body(body: Body, secrets: Arc<[Box<[u8]>]>) -> Body {
 }
 
 /// Replaces every occurrence of each secret in `bytes` with [`REDACTED`]; whether any was.
-fn redact(bytes: &mut Vec<u8>, secrets: &[Box<[u8]>]) -> bool {
+fn redact(bytes: &mut Vec<u8>, secrets: &[impl AsRef<[u8]>]) -> bool {
     let mut changed = false;
     for secret in secrets {
+        let secret = secret.as_ref();
         let mut from = 0;
         while let Some(at) = find(&bytes[from..], secret) {
             let start = from + at;
