@@ -33,6 +33,8 @@
 #                       weaker reference, kept for comparison with older figures)
 #   WRK_CPUS= UPSTREAM_CPUS= PROXY_CPUS=   taskset CPU lists (PROXY_CPUS also pins the reference)
 #   SSE_STREAMS=1000 SSE_EVENTS=10 SSE_INTERVAL_MS=100
+#                       the streams run through the proxy, then through a fresh bare passthrough
+#                       for comparison
 #   SKIP_BUILD=0        1: use the binaries already in target/release
 #   SKIP_THROUGHPUT=0 SKIP_SSE=0
 #   PROXY_BIN=          the proxy binary (default target/release/fresh-proxy)
@@ -462,8 +464,26 @@ if [[ "$SKIP_SSE" != 1 ]]; then
     SSE_UPSTREAM="$(curl -fsS "http://127.0.0.1:$UPSTREAM_PORT/__stats")"
     say "upstream: $SSE_UPSTREAM"
     curl -fsS -o /dev/null "http://127.0.0.1:$PROXY_PORT/health" || say "warning: /health failed after the SSE run"
-    say "load average after SSE: $(machine_load)"
     stop_proxy
+    # The same streams through a fresh bare passthrough: what any hyper-based HTTP/1.1 proxy
+    # holds per stream on this machine, for comparison with the proxy's figure.
+    SSE_FLOOR_PORT="$("$LT" free-port)"
+    start_passthrough "$SSE_FLOOR_PORT"
+    SSE_FLOOR_PID=$!
+    started "$SSE_FLOOR_PID"
+    wait_for_listener "$SSE_FLOOR_PORT" "the bare passthrough"
+    SSE_FLOOR_IDLE_KB="$(rss_kb "$SSE_FLOOR_PID")"
+    set +e
+    pin "$WRK_CPUS"
+    SSE_FLOOR_LINE="$("${PIN[@]}" timeout 300 "$LT" sse \
+        --url "http://127.0.0.1:$SSE_FLOOR_PORT$ENDPOINT_PATH" --body "$BODY" \
+        --streams "$SSE_STREAMS" --events "$SSE_EVENTS" --timeout-secs 240)"
+    set -e
+    say "floor $SSE_FLOOR_LINE"
+    SSE_FLOOR_PEAK_KB="$(peak_rss_kb "$SSE_FLOOR_PID")"
+    kill "$SSE_FLOOR_PID" 2>/dev/null || true
+    wait "$SSE_FLOOR_PID" 2>/dev/null || true
+    say "load average after SSE: $(machine_load)"
 fi
 
 # --- summary ----------------------------------------------------------------------------------
@@ -539,6 +559,7 @@ if [[ "$SKIP_THROUGHPUT" != 1 ]]; then
 fi
 if [[ "$SKIP_SSE" != 1 ]]; then
     say "SSE: $(field completed <<<"$SSE_LINE")/$SSE_STREAMS completed, peak open $(field peak_open <<<"$SSE_LINE"); proxy RSS idle $(mb "$SSE_IDLE_KB") MB, peak $(mb "$SSE_PEAK_KB") MB, after $(mb "$SSE_AFTER_KB") MB"
+    say "SSE through the bare passthrough: $(field completed <<<"$SSE_FLOOR_LINE")/$SSE_STREAMS completed; RSS idle $(mb "$SSE_FLOOR_IDLE_KB") MB, peak $(mb "$SSE_FLOOR_PEAK_KB") MB ($(( (SSE_FLOOR_PEAK_KB - SSE_FLOOR_IDLE_KB) / SSE_STREAMS )) KB a stream above idle)"
 fi
 say ""
 say "== targets"
@@ -569,4 +590,5 @@ if [[ "$SKIP_SSE" != 1 ]]; then
     completed="$(field completed <<<"$SSE_LINE")"
     peak_open="$(field peak_open <<<"$SSE_LINE")"
     say "$SSE_STREAMS concurrent SSE streams, none dropped, < 40 MB: ${completed:-0} completed, ${peak_open:-0} open at once, $(mb "$SSE_PEAK_KB") MB ($(( (SSE_PEAK_KB - SSE_IDLE_KB) / SSE_STREAMS )) KB a stream above idle)  $(verdict "${completed:-0} == $SSE_STREAMS && ${peak_open:-0} == $SSE_STREAMS && $SSE_STATUS == 0 && $SSE_PEAK_KB < 40960")"
+    say "  (the bare passthrough: $(mb "$SSE_FLOOR_PEAK_KB") MB, $(( (SSE_FLOOR_PEAK_KB - SSE_FLOOR_IDLE_KB) / SSE_STREAMS )) KB a stream above idle)"
 fi
