@@ -160,10 +160,7 @@ pub(crate) fn elements(raw: &RawValue) -> Option<Vec<&str>> {
 fn after_string(bytes: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     loop {
-        i += bytes
-            .get(i..)?
-            .iter()
-            .position(|&b| b == b'"' || b == b'\\')?;
+        i += memchr::memchr2(b'"', b'\\', bytes.get(i..)?)?;
         if bytes[i] == b'"' {
             return Some(i + 1);
         }
