@@ -26,22 +26,19 @@ pub(crate) fn without_tokens<'a>(
     res: Response,
     tokens: impl IntoIterator<Item = &'a Token>,
 ) -> Response {
-    // At most two tokens (the one sent and the one of a retry): no list is allocated for them.
-    let mut secrets: [&[u8]; 2] = [&[]; 2];
-    let mut count = 0;
+    // Borrowed: the tokens are copied only for a body that is scrubbed as it streams.
+    let mut secrets: Vec<&[u8]> = Vec::with_capacity(2);
     for token in tokens {
         let secret = token.expose_secret().as_bytes();
-        if !secret.is_empty() && !secrets[..count].contains(&secret) && count < secrets.len() {
-            secrets[count] = secret;
-            count += 1;
+        if !secret.is_empty() && !secrets.contains(&secret) {
+            secrets.push(secret);
         }
     }
-    let secrets = &secrets[..count];
     if secrets.is_empty() {
         return res;
     }
     let (mut parts, body) = res.into_parts();
-    scrub_headers(&mut parts.headers, secrets);
+    scrub_headers(&mut parts.headers, &secrets);
     let is_stream = parts
         .headers
         .get(CONTENT_TYPE)
