@@ -483,6 +483,7 @@ if [[ "$SKIP_SSE" != 1 ]]; then
     SSE_FLOOR_PEAK_KB="$(peak_rss_kb "$SSE_FLOOR_PID")"
     kill "$SSE_FLOOR_PID" 2>/dev/null || true
     wait "$SSE_FLOOR_PID" 2>/dev/null || true
+    sed -i "/^$SSE_FLOOR_PID\$/d" "$WORK/pids"
     say "load average after SSE: $(machine_load)"
 fi
 
