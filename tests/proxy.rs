@@ -904,11 +904,7 @@ async fn gzip_from_upstream_is_decoded_so_the_stream_can_be_fixed() {
     let res = http_client()
         .post(format!("{}/chat/invocations", proxy.url()))
         .header("accept-encoding", "gzip")
-        .json_body(&json!({
-            "messages": [{"role": "user", "content": "hi"}],
-            "tools": [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}],
-            "stream": true
-        }))
+        .json_body(&common::streamed_tool_call_request())
         .send()
         .await
         .unwrap();

@@ -320,11 +320,7 @@ async fn chat(proxy: &RunningProxy) -> reqwest::Response {
 async fn stream_tool_call(proxy: &RunningProxy) -> String {
     let res = undecoding_client()
         .post(format!("{}/sse/invocations", proxy.url()))
-        .json_body(&json!({
-            "messages": [{"role": "user", "content": "hi"}],
-            "tools": [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}],
-            "stream": true
-        }))
+        .json_body(&common::streamed_tool_call_request())
         .send()
         .await
         .unwrap();
