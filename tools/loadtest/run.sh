@@ -199,11 +199,14 @@ start_proxy() {
     wait_for_url "http://127.0.0.1:$PROXY_PORT/ready"
 }
 
-stop_proxy() {
-    kill "$PROXY_PID" 2>/dev/null || true
-    wait "$PROXY_PID" 2>/dev/null || true
-    sed -i "/^$PROXY_PID\$/d" "$WORK/pids"
+# `stop_server PID`: stop a server `started` remembered, and forget it.
+stop_server() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+    sed -i "/^$1\$/d" "$WORK/pids"
 }
+
+stop_proxy() { stop_server "$PROXY_PID"; }
 
 # --- reference passthrough --------------------------------------------------------------------
 # `start_passthrough PORT`: the harness's bare hyper passthrough on PORT, in the background.
@@ -447,15 +450,20 @@ if [[ "$SKIP_THROUGHPUT" != 1 ]]; then
     stop_proxy
 fi
 
+# `sse_streams URL`: the SSE scale client against URL; prints its result line.
+sse_streams() {
+    pin "$WRK_CPUS"
+    "${PIN[@]}" timeout 300 "$LT" sse --url "$1" --body "$BODY" \
+        --streams "$SSE_STREAMS" --events "$SSE_EVENTS" --timeout-secs 240
+}
+
 if [[ "$SKIP_SSE" != 1 ]]; then
     # A fresh proxy, so its peak RSS is that of the SSE run alone.
     start_proxy
     SSE_IDLE_KB="$(rss_kb "$PROXY_PID")"
     say "SSE: $SSE_STREAMS concurrent streams, $SSE_EVENTS events ${SSE_INTERVAL_MS} ms apart"
     set +e
-    pin "$WRK_CPUS"
-    SSE_LINE="$("${PIN[@]}" timeout 300 "$LT" sse --url "$(url_of proxy)" --body "$BODY" \
-        --streams "$SSE_STREAMS" --events "$SSE_EVENTS" --timeout-secs 240)"
+    SSE_LINE="$(sse_streams "$(url_of proxy)")"
     SSE_STATUS=$?
     set -e
     say "$SSE_LINE"
@@ -474,16 +482,11 @@ if [[ "$SKIP_SSE" != 1 ]]; then
     wait_for_listener "$SSE_FLOOR_PORT" "the bare passthrough"
     SSE_FLOOR_IDLE_KB="$(rss_kb "$SSE_FLOOR_PID")"
     set +e
-    pin "$WRK_CPUS"
-    SSE_FLOOR_LINE="$("${PIN[@]}" timeout 300 "$LT" sse \
-        --url "http://127.0.0.1:$SSE_FLOOR_PORT$ENDPOINT_PATH" --body "$BODY" \
-        --streams "$SSE_STREAMS" --events "$SSE_EVENTS" --timeout-secs 240)"
+    SSE_FLOOR_LINE="$(sse_streams "http://127.0.0.1:$SSE_FLOOR_PORT$ENDPOINT_PATH")"
     set -e
     say "floor $SSE_FLOOR_LINE"
     SSE_FLOOR_PEAK_KB="$(peak_rss_kb "$SSE_FLOOR_PID")"
-    kill "$SSE_FLOOR_PID" 2>/dev/null || true
-    wait "$SSE_FLOOR_PID" 2>/dev/null || true
-    sed -i "/^$SSE_FLOOR_PID\$/d" "$WORK/pids"
+    stop_server "$SSE_FLOOR_PID"
     say "load average after SSE: $(machine_load)"
 fi
 
