@@ -15,7 +15,7 @@ use super::{
 
 /// Suite time matters more than depth here; the fuzz targets go deeper. `PROPTEST_CASES`
 /// overrides the count for a longer run.
-fn config(cases: u32) -> ProptestConfig {
+pub(crate) fn config(cases: u32) -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|n| n.parse().ok())
@@ -496,7 +496,7 @@ proptest! {
 
 /// JSON text as written, so that an object may give a key twice (a `Value` keeps the last).
 #[derive(Clone, Debug)]
-enum Json {
+pub(crate) enum Json {
     Leaf(Value),
     Array(Vec<Json>),
     Object(Vec<(&'static str, Json)>),
@@ -504,28 +504,42 @@ enum Json {
 
 impl Json {
     fn write(&self, out: &mut String) {
+        self.write_spaced(out, "");
+    }
+
+    /// [`Json::write`], with `space` after every bracket, comma and colon and before every
+    /// closing bracket.
+    pub(crate) fn write_spaced(&self, out: &mut String, space: &str) {
         match self {
             Json::Leaf(value) => out.push_str(&value.to_string()),
             Json::Array(items) => {
                 out.push('[');
+                out.push_str(space);
                 for (i, item) in items.iter().enumerate() {
                     if i > 0 {
                         out.push(',');
+                        out.push_str(space);
                     }
-                    item.write(out);
+                    item.write_spaced(out, space);
                 }
+                out.push_str(space);
                 out.push(']');
             }
             Json::Object(entries) => {
                 out.push('{');
+                out.push_str(space);
                 for (i, (key, value)) in entries.iter().enumerate() {
                     if i > 0 {
                         out.push(',');
+                        out.push_str(space);
                     }
                     out.push_str(&json!(key).to_string());
+                    out.push_str(space);
                     out.push(':');
-                    value.write(out);
+                    out.push_str(space);
+                    value.write_spaced(out, space);
                 }
+                out.push_str(space);
                 out.push('}');
             }
         }
@@ -535,7 +549,7 @@ impl Json {
 /// Any JSON made of the words the rules look at, so that the shapes the rules care about turn
 /// up in every odd combination: a key where a value is expected, `null` for a list, a key
 /// given twice, and so on.
-fn vocabulary_json() -> impl Strategy<Value = Json> {
+pub(crate) fn vocabulary_json() -> impl Strategy<Value = Json> {
     const KEYS: &[&str] = &[
         "role",
         "content",

@@ -24,6 +24,8 @@ use serde_json::value::RawValue;
 use super::response::ToolContext;
 use super::schema::REMOVED_KEYWORDS;
 
+mod scan;
+
 /// The members of a request object in order, each value as raw JSON text. `None` for anything
 /// that is not a JSON object, and for an object that gives a key twice (a `Value` keeps the
 /// last, and only the full path reproduces that).
@@ -83,7 +85,10 @@ pub(crate) fn messages(raw: &RawValue) -> Messages<'_> {
     // that later ones are judged against: then only the rules can tell.
     let Ok(views) = list
         .iter()
-        .map(|message| serde_json::from_str::<Obj<Message<'_>>>(message))
+        .map(|message| match scan::message(message) {
+            Some(view) => Ok(view),
+            None => serde_json::from_str::<Obj<Message<'_>>>(message),
+        })
         .collect::<Result<Vec<_>, _>>()
     else {
         return Messages::Unreadable;
@@ -274,7 +279,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Members<'a> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct Message<'a> {
     #[serde(default, borrow)]
     role: Str<'a>,
@@ -288,7 +294,8 @@ struct Message<'a> {
     function_call: Obj<IgnoredAny>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct Block<'a> {
     #[serde(default, borrow, rename = "type")]
     kind: Str<'a>,
@@ -302,7 +309,8 @@ struct Block<'a> {
     content: Shape<Vec<Obj<Block<'a>>>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct Call<'a> {
     #[serde(default, borrow)]
     id: Str<'a>,
@@ -440,6 +448,7 @@ macro_rules! visit_any_scalars {
 /// A value of which the rules only need the kind; strings are reduced to whether they are blank,
 /// so long ones are never copied.
 #[derive(Default)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 enum Shape<T> {
     #[default]
     Absent,
@@ -500,6 +509,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shape<T> {
 
 /// A value read further only when it is an object.
 #[derive(Default)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 enum Obj<T> {
     #[default]
     Absent,
@@ -536,6 +546,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
 /// A value read further only when it is a string, borrowed from the body when it has no
 /// escapes.
 #[derive(Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(Debug))]
 enum Str<'a> {
     #[default]
     Absent,

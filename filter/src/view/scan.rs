@@ -1,0 +1,471 @@
+//! Reading a message for its verdict by a structural scan instead of serde.
+//!
+//! A message's raw text has already been checked by serde_json (it is part of a `RawValue`), so
+//! its structure can be followed the way [`super::elements`] follows a list: by strings and
+//! nesting alone. [`message`] gives exactly what `serde_json::from_str::<Obj<Message>>` gives,
+//! or `None` where only the parser can tell: a key or a compared string written with an escape,
+//! a `\u` escape among the whitespace a text starts with, a key given twice (serde's derive
+//! refuses it), or deep nesting.
+//! The caller then asks the parser, so the scan never changes an answer, it only saves one.
+
+use std::borrow::Cow;
+
+use serde::de::IgnoredAny;
+
+use super::{Block, Call, Message, Obj, Shape, Str, after_string};
+
+/// Nesting past this is left to the parser, which has its own limit.
+const MAX_DEPTH: usize = 64;
+
+/// The message in `raw` (JSON serde_json has checked), as serde would read it; `None` when
+/// only serde can tell.
+pub(super) fn message(raw: &str) -> Option<Obj<Message<'_>>> {
+    let mut scan = Scan { text: raw, i: 0 };
+    let message = scan.obj(0, Scan::message)?;
+    scan.space();
+    (scan.i == raw.len()).then_some(message)
+}
+
+struct Scan<'a> {
+    text: &'a str,
+    i: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.i).copied()
+    }
+
+    fn space(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    /// Past `byte` and the space after it, if it comes next.
+    fn eat(&mut self, byte: u8) -> bool {
+        self.space();
+        let here = self.peek() == Some(byte);
+        if here {
+            self.i += 1;
+            self.space();
+        }
+        here
+    }
+
+    /// A string's contents as written, escapes and all; the scan stands on its opening quote.
+    fn string(&mut self) -> Option<&'a str> {
+        let start = self.i + 1;
+        let end = after_string(self.text.as_bytes(), start)?;
+        self.i = end;
+        self.text.get(start..end - 1)
+    }
+
+    /// Past the value the scan stands on.
+    fn skip(&mut self) -> Option<()> {
+        let bytes = self.text.as_bytes();
+        match *bytes.get(self.i)? {
+            b'"' => self.i = after_string(bytes, self.i + 1)?,
+            b'[' | b'{' => {
+                let mut depth = 0usize;
+                loop {
+                    match *bytes.get(self.i)? {
+                        b'"' => {
+                            self.i = after_string(bytes, self.i + 1)?;
+                            continue;
+                        }
+                        b'[' | b'{' => depth += 1,
+                        b']' | b'}' => {
+                            depth = depth.checked_sub(1)?;
+                            if depth == 0 {
+                                self.i += 1;
+                                return Some(());
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.i += 1;
+                }
+            }
+            // A number or a literal runs to the next delimiter.
+            _ => {
+                let start = self.i;
+                while let Some(b) = self.peek() {
+                    if matches!(b, b',' | b']' | b'}' | b' ' | b'\t' | b'\n' | b'\r') {
+                        break;
+                    }
+                    self.i += 1;
+                }
+                if self.i == start {
+                    return None;
+                }
+            }
+        }
+        Some(())
+    }
+
+    /// The members of the object the scan stands on, each handed to `member` with the scan on
+    /// its value; `member` reads the value and says whether the key was new.
+    fn members(
+        &mut self,
+        mut member: impl FnMut(&mut Self, &'a str) -> Option<bool>,
+    ) -> Option<()> {
+        self.i += 1;
+        if self.eat(b'}') {
+            return Some(());
+        }
+        loop {
+            self.space();
+            if self.peek()? != b'"' {
+                return None;
+            }
+            let key = self.string()?;
+            if key.contains('\\') || !self.eat(b':') {
+                return None;
+            }
+            if !member(self, key)? {
+                return None;
+            }
+            if self.eat(b'}') {
+                return Some(());
+            }
+            if !self.eat(b',') {
+                return None;
+            }
+        }
+    }
+
+    /// The items of the list the scan stands on.
+    fn items<T>(&mut self, mut item: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
+        self.i += 1;
+        let mut out = Vec::new();
+        if self.eat(b']') {
+            return Some(out);
+        }
+        loop {
+            self.space();
+            out.push(item(self)?);
+            if self.eat(b']') {
+                return Some(out);
+            }
+            if !self.eat(b',') {
+                return None;
+            }
+        }
+    }
+
+    /// `Obj<T>`: an object read by `read`, anything else `Other`.
+    fn obj<T>(&mut self, depth: usize, read: fn(&mut Self, usize) -> Option<T>) -> Option<Obj<T>> {
+        self.space();
+        if self.peek()? == b'{' {
+            return read(self, depth + 1).map(Obj::Map);
+        }
+        self.skip()?;
+        Some(Obj::Other)
+    }
+
+    /// `Str`: a string without escapes, borrowed as serde borrows it.
+    fn str(&mut self) -> Option<Str<'a>> {
+        if self.peek()? != b'"' {
+            self.skip()?;
+            return Some(Str::Other);
+        }
+        let text = self.string()?;
+        (!text.contains('\\')).then_some(Str::Text(Cow::Borrowed(text)))
+    }
+
+    /// `Shape<T>`, with a list read by `list`.
+    fn shape<T>(
+        &mut self,
+        depth: usize,
+        list: impl FnOnce(&mut Self, usize) -> Option<T>,
+    ) -> Option<Shape<T>> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        Some(match self.peek()? {
+            b'"' => {
+                if blank(self.string()?)? {
+                    Shape::Blank
+                } else {
+                    Shape::Text
+                }
+            }
+            b'[' => Shape::List(list(self, depth + 1)?),
+            b'n' => {
+                self.skip()?;
+                Shape::Null
+            }
+            _ => {
+                self.skip()?;
+                Shape::Other
+            }
+        })
+    }
+
+    fn blocks(&mut self, depth: usize) -> Option<Vec<Obj<Block<'a>>>> {
+        self.items(|scan| scan.obj(depth, Scan::block))
+    }
+
+    fn message(&mut self, depth: usize) -> Option<Message<'a>> {
+        let mut message = Message::default();
+        let mut seen = [false; 5];
+        self.members(|scan, key| {
+            let slot = match key {
+                "role" => {
+                    message.role = scan.str()?;
+                    0
+                }
+                "tool_call_id" => {
+                    message.tool_call_id = scan.str()?;
+                    1
+                }
+                "content" => {
+                    message.content = scan.shape(depth, Scan::blocks)?;
+                    2
+                }
+                "tool_calls" => {
+                    message.tool_calls = scan.shape(depth, |scan, depth| {
+                        scan.items(|s| s.obj(depth, Scan::call))
+                    })?;
+                    3
+                }
+                "function_call" => {
+                    message.function_call = match scan.peek()? {
+                        b'{' => Obj::Map(IgnoredAny),
+                        _ => Obj::Other,
+                    };
+                    scan.skip()?;
+                    4
+                }
+                _ => return scan.skip().map(|()| true),
+            };
+            Some(!std::mem::replace(&mut seen[slot], true))
+        })?;
+        Some(message)
+    }
+
+    fn block(&mut self, depth: usize) -> Option<Block<'a>> {
+        let mut block = Block::default();
+        let mut seen = [false; 5];
+        self.members(|scan, key| {
+            let slot = match key {
+                "type" => {
+                    block.kind = scan.str()?;
+                    0
+                }
+                "text" => {
+                    block.text = scan.shape(depth, |scan, _| scan.skip().map(|()| IgnoredAny))?;
+                    1
+                }
+                "id" => {
+                    block.id = scan.str()?;
+                    2
+                }
+                "tool_use_id" => {
+                    block.tool_use_id = scan.str()?;
+                    3
+                }
+                "content" => {
+                    block.content = scan.shape(depth, Scan::blocks)?;
+                    4
+                }
+                _ => return scan.skip().map(|()| true),
+            };
+            Some(!std::mem::replace(&mut seen[slot], true))
+        })?;
+        Some(block)
+    }
+
+    fn call(&mut self, _depth: usize) -> Option<Call<'a>> {
+        let mut call = Call::default();
+        let mut seen = false;
+        self.members(|scan, key| {
+            if key != "id" {
+                return scan.skip().map(|()| true);
+            }
+            call.id = scan.str()?;
+            Some(!std::mem::replace(&mut seen, true))
+        })?;
+        Some(call)
+    }
+}
+
+/// Whether a string, as written between its quotes, holds only whitespace once unescaped (what
+/// `Shape` asks of it); `None` for a `\u` escape among the whitespace.
+fn blank(written: &str) -> Option<bool> {
+    let mut chars = written.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next()? {
+                // `\n`, `\r`, `\t` and `\f` unescape to whitespace; `\b`, `\"`, `\\` and `\/`
+                // do not.
+                'n' | 'r' | 't' | 'f' => continue,
+                'u' => return None,
+                _ => return Some(false),
+            }
+        }
+        if !c.is_whitespace() {
+            return Some(false);
+        }
+    }
+    Some(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::proptests::{Json, config, vocabulary_json};
+
+    /// What serde reads, for comparison.
+    fn parsed(text: &str) -> Option<Obj<Message<'_>>> {
+        serde_json::from_str(text).ok()
+    }
+
+    #[test]
+    fn messages_as_agents_send_them_are_scanned_as_serde_reads_them() {
+        let messages = [
+            json!({"role": "system", "content": "You are a coding agent."}),
+            json!({"role": "user", "content": [{"type": "text", "text": "Fix the tests."}]}),
+            json!({"role": "assistant", "content": "Reading.", "tool_calls": [
+                {"id": "toolu_01", "type": "function",
+                 "function": {"name": "read", "arguments": "{\"path\":\"src/a.rs\"}"}}]}),
+            json!({"role": "tool", "tool_call_id": "toolu_01",
+                   "content": "fn main() {\n    println!(\"hi\");\n}\n"}),
+            json!({"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "…", "signature": "c2ln"},
+                {"type": "tool_use", "id": "toolu_02", "name": "ls", "input": {"dir": "."}}]}),
+            json!({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_02",
+                 "content": [{"type": "text", "text": "a.rs\nb.rs"}]},
+                {"type": "text", "text": " \n\t"}]}),
+            json!({"role": "assistant", "content": "", "function_call": {"name": "f"}}),
+            json!({"role": "assistant", "content": null, "tool_calls": []}),
+            json!({"role": "user", "content": "\u{a0}\n"}),
+            json!("not an object"),
+        ];
+        for value in messages {
+            for text in [
+                value.to_string(),
+                serde_json::to_string_pretty(&value).unwrap(),
+            ] {
+                let scanned = message(&text);
+                assert!(scanned.is_some(), "left to serde: {text}");
+                assert_eq!(scanned, parsed(&text), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn what_only_serde_can_tell_is_left_to_it() {
+        let cases = [
+            // A key written with an escape is still `role`.
+            r#"{"\u0072ole": "assistant", "content": "a"}"#,
+            // A compared string with an escape.
+            r#"{"role": "tool", "tool_call_id": "c\u0031", "content": "r"}"#,
+            // Blank or not depends on what `\u00a0` is.
+            r#"{"role": "user", "content": " \u00a0"}"#,
+            // serde's derive refuses a field given twice.
+            r#"{"role": "user", "role": "assistant", "content": "a"}"#,
+            r#"{"role": "user", "content": [{"type": "text", "type": "text", "text": "a"}]}"#,
+        ];
+        for text in cases {
+            assert_eq!(message(text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn blank_is_trim_on_the_unescaped_text() {
+        let cases = [
+            ("", Some(true)),
+            ("  ", Some(true)),
+            (r"\n\r\t\f ", Some(true)),
+            ("\u{a0}\u{2003}", Some(true)),
+            (r"\b", Some(false)),
+            (r#"\""#, Some(false)),
+            (r"\\", Some(false)),
+            (r"\/", Some(false)),
+            (r" \n x", Some(false)),
+            (r"\u0020", None),
+            (r"x\u0020", Some(false)),
+        ];
+        for (written, want) in cases {
+            assert_eq!(blank(written), want, "{written:?}");
+            if let Some(want) = want {
+                let unescaped: String = serde_json::from_str(&format!("\"{written}\"")).unwrap();
+                assert_eq!(unescaped.trim().is_empty(), want, "{written:?}");
+            }
+        }
+    }
+
+    /// Messages made of the words and shapes the verdicts look at, with strings that hold
+    /// escapes, whitespace and quotes.
+    fn message_json() -> impl Strategy<Value = Json> {
+        const KEYS: &[&str] = &[
+            "role",
+            "content",
+            "type",
+            "text",
+            "id",
+            "tool_use_id",
+            "tool_call_id",
+            "tool_calls",
+            "function_call",
+            "other",
+        ];
+        let string = prop_oneof![
+            prop::sample::select(
+                &[
+                    "user",
+                    "assistant",
+                    "tool",
+                    "text",
+                    "tool_result",
+                    "tool_use",
+                    "c1"
+                ][..]
+            )
+            .prop_map(|w| Json::Leaf(json!(w))),
+            "[ \t\n\u{a0}\u{8}\u{c}\u{1}\"\\\\/a]{0,3}".prop_map(|s| Json::Leaf(Value::String(s))),
+        ];
+        let leaf = prop_oneof![
+            4 => string,
+            1 => Just(Json::Leaf(Value::Null)),
+            1 => any::<bool>().prop_map(|b| Json::Leaf(Value::Bool(b))),
+            1 => prop_oneof![Just(json!(0)), Just(json!(-12)), Just(json!(1.5e3))].prop_map(Json::Leaf),
+        ];
+        let message = leaf.prop_recursive(5, 48, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Json::Array),
+                prop::collection::vec((prop::sample::select(KEYS), inner), 0..6)
+                    .prop_map(Json::Object),
+            ]
+        });
+        prop_oneof![message, vocabulary_json()]
+    }
+
+    proptest! {
+        #![proptest_config(config(2000))]
+
+        /// Where the scan answers, serde reads the same message; where serde cannot read it,
+        /// the scan does not answer.
+        #[test]
+        fn the_scan_reads_a_message_as_serde_does(
+            json in message_json(),
+            space in prop::sample::select(&["", " ", "\n\t "][..]),
+            escape_keys in any::<bool>(),
+        ) {
+            let mut text = String::new();
+            json.write_spaced(&mut text, space);
+            if escape_keys {
+                text = text.replace("\"role\"", "\"\\u0072ole\"");
+            }
+            if let Some(scanned) = message(&text) {
+                prop_assert_eq!(Some(scanned), parsed(&text), "{}", text);
+            }
+        }
+    }
+}
