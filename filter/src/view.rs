@@ -78,23 +78,23 @@ pub(crate) fn messages(raw: &RawValue) -> Messages<'_> {
     if !raw.get().starts_with('[') {
         return Messages::NotAList;
     }
-    let Some(list) = elements(raw) else {
+    let Some(scanned) = scan::messages(raw.get()) else {
         return Messages::Unreadable;
     };
     // A message the view cannot read (a key given twice, say) might be an assistant message
     // that later ones are judged against: then only the rules can tell.
-    let Ok(views) = list
-        .iter()
-        .map(|message| match scan::message(message) {
-            Some(view) => Ok(view),
-            None => serde_json::from_str::<Obj<Message<'_>>>(message),
+    let Ok(list) = scanned
+        .into_iter()
+        .map(|(raw, view)| match view {
+            Some(view) => Ok((raw, view)),
+            None => serde_json::from_str::<Obj<Message<'_>>>(raw).map(|view| (raw, view)),
         })
         .collect::<Result<Vec<_>, _>>()
     else {
         return Messages::Unreadable;
     };
     let mut preceding: Option<&Message<'_>> = None;
-    let verdicts = list.iter().zip(&views).map(|(raw, view)| {
+    let verdicts = list.iter().map(|(raw, view)| {
         let verdict = match view {
             Obj::Map(message) => {
                 let assistant = message.role.as_str() == Some("assistant");
@@ -174,7 +174,7 @@ fn after_string(bytes: &[u8], from: usize) -> Option<usize> {
     }
 }
 
-fn trim_json_end(text: &str) -> &str {
+pub(crate) fn trim_json_end(text: &str) -> &str {
     text.trim_end_matches([' ', '\t', '\n', '\r'])
 }
 

@@ -2,7 +2,7 @@
 //!
 //! A message's raw text has already been checked by serde_json (it is part of a `RawValue`), so
 //! its structure can be followed the way [`super::elements`] follows a list: by strings and
-//! nesting alone. [`message`] gives exactly what `serde_json::from_str::<Obj<Message>>` gives,
+//! nesting alone. [`messages`] gives exactly what `serde_json::from_str::<Obj<Message>>` gives,
 //! or `None` where only the parser can tell: a key or a compared string written with an escape,
 //! a `\u` escape among the whitespace a text starts with, a key given twice (serde's derive
 //! refuses it), or deep nesting.
@@ -12,18 +12,31 @@ use std::borrow::Cow;
 
 use serde::de::IgnoredAny;
 
-use super::{Block, Call, Message, Obj, Shape, Str, after_string};
+use super::{Block, Call, Message, Obj, Shape, Str, after_string, trim_json_end};
 
 /// Nesting past this is left to the parser, which has its own limit.
 const MAX_DEPTH: usize = 64;
 
-/// The message in `raw` (JSON serde_json has checked), as serde would read it; `None` when
-/// only serde can tell.
-pub(super) fn message(raw: &str) -> Option<Obj<Message<'_>>> {
-    let mut scan = Scan { text: raw, i: 0 };
-    let message = scan.obj(0, Scan::message)?;
-    scan.space();
-    (scan.i == raw.len()).then_some(message)
+/// One message of a list as raw text, and what the scan read of it.
+pub(super) type Scanned<'a> = (&'a str, Option<Obj<Message<'a>>>);
+
+/// The elements of the list `text` (JSON serde_json has checked) as raw text, each with its
+/// message as serde would read it, or `None` where only serde can tell; `None` when `text` is
+/// not a list. One pass, where [`super::elements`] and [`message`] would take two.
+pub(super) fn messages(text: &str) -> Option<Vec<Scanned<'_>>> {
+    let mut scan = Scan { text, i: 0 };
+    if scan.peek()? != b'[' {
+        return None;
+    }
+    scan.items(|scan| {
+        let start = scan.i;
+        let view = scan.obj(0, Scan::message);
+        if view.is_none() {
+            scan.i = start;
+            scan.skip()?;
+        }
+        Some((trim_json_end(&text[start..scan.i]), view))
+    })
 }
 
 struct Scan<'a> {
@@ -315,47 +328,61 @@ fn blank(written: &str) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
+    use serde_json::value::RawValue;
     use serde_json::{Value, json};
 
     use super::*;
     use crate::proptests::{Json, config, vocabulary_json};
 
-    /// What serde reads, for comparison.
-    fn parsed(text: &str) -> Option<Obj<Message<'_>>> {
-        serde_json::from_str(text).ok()
+    /// Checks the scan of the list `text` against serde: the same elements, and where the scan
+    /// reads a message, what serde reads. Returns how many messages the scan read.
+    fn check(text: &str) -> Result<usize, TestCaseError> {
+        let scanned = messages(text).expect("a list");
+        let elements: Vec<&RawValue> = serde_json::from_str(text).unwrap();
+        let raw: Vec<&str> = scanned.iter().map(|(raw, _)| *raw).collect();
+        let want: Vec<&str> = elements.iter().map(|raw| raw.get()).collect();
+        prop_assert_eq!(raw, want, "{}", text);
+        let mut read = 0;
+        for (raw, view) in scanned {
+            if let Some(view) = view {
+                let parsed = serde_json::from_str::<Obj<Message<'_>>>(raw).ok();
+                prop_assert_eq!(Some(view), parsed, "{}", raw);
+                read += 1;
+            }
+        }
+        Ok(read)
     }
 
     #[test]
     fn messages_as_agents_send_them_are_scanned_as_serde_reads_them() {
-        let messages = [
-            json!({"role": "system", "content": "You are a coding agent."}),
-            json!({"role": "user", "content": [{"type": "text", "text": "Fix the tests."}]}),
-            json!({"role": "assistant", "content": "Reading.", "tool_calls": [
+        let list = json!([
+            {"role": "system", "content": "You are a coding agent."},
+            {"role": "user", "content": [{"type": "text", "text": "Fix the tests."}]},
+            {"role": "assistant", "content": "Reading.", "tool_calls": [
                 {"id": "toolu_01", "type": "function",
-                 "function": {"name": "read", "arguments": "{\"path\":\"src/a.rs\"}"}}]}),
-            json!({"role": "tool", "tool_call_id": "toolu_01",
-                   "content": "fn main() {\n    println!(\"hi\");\n}\n"}),
-            json!({"role": "assistant", "content": [
+                 "function": {"name": "read", "arguments": "{\"path\":\"src/a.rs\"}"}}]},
+            {"role": "tool", "tool_call_id": "toolu_01",
+             "content": "fn main() {\n    println!(\"hi\");\n}\n"},
+            {"role": "assistant", "content": [
                 {"type": "thinking", "thinking": "…", "signature": "c2ln"},
-                {"type": "tool_use", "id": "toolu_02", "name": "ls", "input": {"dir": "."}}]}),
-            json!({"role": "user", "content": [
+                {"type": "tool_use", "id": "toolu_02", "name": "ls", "input": {"dir": "."}}]},
+            {"role": "user", "content": [
                 {"type": "tool_result", "tool_use_id": "toolu_02",
                  "content": [{"type": "text", "text": "a.rs\nb.rs"}]},
-                {"type": "text", "text": " \n\t"}]}),
-            json!({"role": "assistant", "content": "", "function_call": {"name": "f"}}),
-            json!({"role": "assistant", "content": null, "tool_calls": []}),
-            json!({"role": "user", "content": "\u{a0}\n"}),
-            json!("not an object"),
-        ];
-        for value in messages {
-            for text in [
-                value.to_string(),
-                serde_json::to_string_pretty(&value).unwrap(),
-            ] {
-                let scanned = message(&text);
-                assert!(scanned.is_some(), "left to serde: {text}");
-                assert_eq!(scanned, parsed(&text), "{text}");
-            }
+                {"type": "text", "text": " \n\t"}]},
+            {"role": "assistant", "content": "", "function_call": {"name": "f"}},
+            {"role": "assistant", "content": null, "tool_calls": []},
+            {"role": "user", "content": "\u{a0}\n"},
+            "not an object",
+            [1, {"role": "user"}],
+            -1.5e3
+        ]);
+        let count = list.as_array().unwrap().len();
+        for text in [
+            list.to_string(),
+            serde_json::to_string_pretty(&list).unwrap(),
+        ] {
+            assert_eq!(check(&text).unwrap(), count, "every message read: {text}");
         }
     }
 
@@ -372,8 +399,13 @@ mod tests {
             r#"{"role": "user", "role": "assistant", "content": "a"}"#,
             r#"{"role": "user", "content": [{"type": "text", "type": "text", "text": "a"}]}"#,
         ];
-        for text in cases {
-            assert_eq!(message(text), None, "{text}");
+        for message in cases {
+            let text = format!("[{message}, {{\"role\": \"user\", \"content\": \"q\"}}]");
+            let scanned = messages(&text).unwrap();
+            assert_eq!(scanned.len(), 2, "{text}");
+            assert_eq!(scanned[0].0, message);
+            assert!(scanned[0].1.is_none(), "{text}");
+            assert!(scanned[1].1.is_some(), "{text}");
         }
     }
 
@@ -450,22 +482,20 @@ mod tests {
     proptest! {
         #![proptest_config(config(2000))]
 
-        /// Where the scan answers, serde reads the same message; where serde cannot read it,
-        /// the scan does not answer.
+        /// Where the scan reads a message, serde reads the same; where serde cannot read it,
+        /// the scan does not either; and the list is cut where serde cuts it.
         #[test]
-        fn the_scan_reads_a_message_as_serde_does(
-            json in message_json(),
+        fn the_scan_reads_messages_as_serde_does(
+            list in prop::collection::vec(message_json(), 0..4),
             space in prop::sample::select(&["", " ", "\n\t "][..]),
             escape_keys in any::<bool>(),
         ) {
             let mut text = String::new();
-            json.write_spaced(&mut text, space);
+            Json::Array(list).write_spaced(&mut text, space);
             if escape_keys {
                 text = text.replace("\"role\"", "\"\\u0072ole\"");
             }
-            if let Some(scanned) = message(&text) {
-                prop_assert_eq!(Some(scanned), parsed(&text), "{}", text);
-            }
+            check(&text)?;
         }
     }
 }
