@@ -546,20 +546,24 @@ impl Json {
     }
 }
 
+/// The keys of a message and its blocks and calls that the rules read.
+pub(crate) const MESSAGE_KEYS: &[&str] = &[
+    "role",
+    "content",
+    "type",
+    "text",
+    "id",
+    "tool_use_id",
+    "tool_call_id",
+    "tool_calls",
+    "function_call",
+];
+
 /// Any JSON made of the words the rules look at, so that the shapes the rules care about turn
 /// up in every odd combination: a key where a value is expected, `null` for a list, a key
 /// given twice, and so on.
 pub(crate) fn vocabulary_json() -> impl Strategy<Value = Json> {
-    const KEYS: &[&str] = &[
-        "role",
-        "content",
-        "type",
-        "text",
-        "id",
-        "tool_use_id",
-        "tool_call_id",
-        "tool_calls",
-        "function_call",
+    const TOOL_KEYS: &[&str] = &[
         "function",
         "name",
         "parameters",
@@ -580,6 +584,7 @@ pub(crate) fn vocabulary_json() -> impl Strategy<Value = Json> {
         "tools",
         "stream_options",
     ];
+    let keys: Vec<&str> = MESSAGE_KEYS.iter().chain(TOOL_KEYS).copied().collect();
     const WORDS: &[&str] = &[
         "",
         " ",
@@ -603,10 +608,11 @@ pub(crate) fn vocabulary_json() -> impl Strategy<Value = Json> {
         1 => any::<bool>().prop_map(|b| Json::Leaf(Value::Bool(b))),
         1 => (0..3u8).prop_map(|n| Json::Leaf(json!(n))),
     ];
-    leaf.prop_recursive(5, 64, 5, |inner| {
+    leaf.prop_recursive(5, 64, 5, move |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..5).prop_map(Json::Array),
-            prop::collection::vec((prop::sample::select(KEYS), inner), 0..5).prop_map(Json::Object),
+            prop::collection::vec((prop::sample::select(keys.clone()), inner), 0..5)
+                .prop_map(Json::Object),
         ]
     })
 }

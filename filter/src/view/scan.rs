@@ -332,7 +332,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::proptests::{Json, config, vocabulary_json};
+    use crate::proptests::{Json, MESSAGE_KEYS, config, vocabulary_json};
 
     /// Checks the scan of the list `text` against serde: the same elements, and where the scan
     /// reads a message, what serde reads. Returns how many messages the scan read.
@@ -436,18 +436,7 @@ mod tests {
     /// Messages made of the words and shapes the verdicts look at, with strings that hold
     /// escapes, whitespace and quotes.
     fn message_json() -> impl Strategy<Value = Json> {
-        const KEYS: &[&str] = &[
-            "role",
-            "content",
-            "type",
-            "text",
-            "id",
-            "tool_use_id",
-            "tool_call_id",
-            "tool_calls",
-            "function_call",
-            "other",
-        ];
+        let keys: Vec<&str> = MESSAGE_KEYS.iter().copied().chain(["other"]).collect();
         let string = prop_oneof![
             prop::sample::select(
                 &[
@@ -469,10 +458,10 @@ mod tests {
             1 => any::<bool>().prop_map(|b| Json::Leaf(Value::Bool(b))),
             1 => prop_oneof![Just(json!(0)), Just(json!(-12)), Just(json!(1.5e3))].prop_map(Json::Leaf),
         ];
-        let message = leaf.prop_recursive(5, 48, 5, |inner| {
+        let message = leaf.prop_recursive(5, 48, 5, move |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..4).prop_map(Json::Array),
-                prop::collection::vec((prop::sample::select(KEYS), inner), 0..6)
+                prop::collection::vec((prop::sample::select(keys.clone()), inner), 0..6)
                     .prop_map(Json::Object),
             ]
         });
