@@ -5,11 +5,9 @@
 //! message holding a long list of numbers took 38 times its size. The rules read a message's
 //! `role`, `tool_call_id`, `content`, `tool_calls` and `function_call`, and of a content block
 //! its `type`, `text`, `id`, `tool_use_id` and `content`. Every other member stands in the
-//! `Value` as a placeholder string naming its raw text, and [`Spliced`] writes that text back
+//! `Value` as a placeholder string naming its raw text, and [`write_spliced`] writes that text back
 //! in its place, byte for byte.
 
-use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::view;
@@ -25,7 +23,7 @@ pub(crate) fn usable_for(text: &str) -> bool {
 
 /// The raw members set aside while parsing, indexed by their placeholders.
 #[derive(Default)]
-pub(crate) struct Aside<'a>(Vec<&'a RawValue>);
+pub(crate) struct Aside<'a>(Vec<&'a str>);
 
 /// What an object is to the rules, and so which of its members they read.
 #[derive(Clone, Copy)]
@@ -56,7 +54,7 @@ pub(crate) fn message<'a>(raw: &'a str, aside: &mut Aside<'a>) -> Option<Value> 
 }
 
 fn object<'a>(raw: &'a str, kind: Kind, aside: &mut Aside<'a>) -> Option<Value> {
-    let members = view::members(raw.as_bytes())?;
+    let members = view::checked_members(raw)?;
     let mut map = Map::with_capacity(members.len());
     for (key, value) in members {
         let value = match (kind, &*key) {
@@ -70,7 +68,7 @@ fn object<'a>(raw: &'a str, kind: Kind, aside: &mut Aside<'a>) -> Option<Value> 
             }
             (Kind::Message | Kind::Block, "content") => list(value, Kind::Block, aside)?,
             (Kind::Message, "tool_calls") => list(value, Kind::Call, aside)?,
-            (kind, key) if kind.reads(key) => serde_json::from_str(value.get()).ok()?,
+            (kind, key) if kind.reads(key) => serde_json::from_str(value).ok()?,
             _ => set_aside(value, aside),
         };
         map.insert(key.into_owned(), value);
@@ -79,15 +77,15 @@ fn object<'a>(raw: &'a str, kind: Kind, aside: &mut Aside<'a>) -> Option<Value> 
 }
 
 /// The placeholder for `raw`, which is kept to be written back as it came.
-fn set_aside<'a>(raw: &'a RawValue, aside: &mut Aside<'a>) -> Value {
+fn set_aside<'a>(raw: &'a str, aside: &mut Aside<'a>) -> Value {
     aside.0.push(raw);
     Value::String(format!("{MARKER}{}", aside.0.len() - 1))
 }
 
 /// A list whose objects are read as [`object`] reads a `kind`; anything but a list whole.
-fn list<'a>(raw: &'a RawValue, kind: Kind, aside: &mut Aside<'a>) -> Option<Value> {
+fn list<'a>(raw: &'a str, kind: Kind, aside: &mut Aside<'a>) -> Option<Value> {
     let Some(items) = view::elements(raw) else {
-        return serde_json::from_str(raw.get()).ok();
+        return serde_json::from_str(raw).ok();
     };
     items
         .into_iter()
@@ -102,44 +100,50 @@ fn list<'a>(raw: &'a RawValue, kind: Kind, aside: &mut Aside<'a>) -> Option<Valu
         .map(Value::Array)
 }
 
-/// Serialises `value` with every placeholder replaced by the raw text it stands for.
-pub(crate) struct Spliced<'v, 'a> {
-    pub(crate) value: &'v Value,
-    pub(crate) aside: &'v Aside<'a>,
-}
-
-impl Serialize for Spliced<'_, '_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let nested = |value| Spliced {
-            value,
-            aside: self.aside,
-        };
-        match self.value {
-            Value::String(text) => match text
-                .strip_prefix(MARKER)
-                .and_then(|n| n.parse::<usize>().ok())
-                .and_then(|n| self.aside.0.get(n))
-            {
-                Some(raw) => raw.serialize(serializer),
-                None => serializer.serialize_str(text),
-            },
-            Value::Array(items) => {
-                let mut seq = serializer.serialize_seq(Some(items.len()))?;
-                for item in items {
-                    seq.serialize_element(&nested(item))?;
+/// `value` written as compact JSON (as `serde_json::to_writer` writes it), with every
+/// placeholder replaced by the raw text it stands for.
+pub(crate) fn write_spliced(value: &Value, aside: &Aside<'_>, out: &mut Vec<u8>) {
+    match value {
+        Value::String(text) => match text
+            .strip_prefix(MARKER)
+            .and_then(|n| n.parse::<usize>().ok())
+            .and_then(|n| aside.0.get(n))
+        {
+            Some(raw) => out.extend_from_slice(raw.as_bytes()),
+            None => write_str(text, out),
+        },
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
                 }
-                seq.end()
+                write_spliced(item, aside, out);
             }
-            Value::Object(members) => {
-                let mut map = serializer.serialize_map(Some(members.len()))?;
-                for (key, value) in members {
-                    map.serialize_entry(key, &nested(value))?;
+            out.push(b']');
+        }
+        Value::Object(members) => {
+            out.push(b'{');
+            for (i, (key, value)) in members.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
                 }
-                map.end()
+                write_str(key, out);
+                out.push(b':');
+                write_spliced(value, aside, out);
             }
-            other => other.serialize(serializer),
+            out.push(b'}');
+        }
+        // Writing a `Value` into a `Vec` cannot fail.
+        other => {
+            let _ = serde_json::to_writer(&mut *out, other);
         }
     }
+}
+
+fn write_str(text: &str, out: &mut Vec<u8>) {
+    // Writing a `str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
 }
 
 #[cfg(test)]
@@ -149,12 +153,9 @@ mod tests {
     fn round_trip(text: &str) -> (Value, String) {
         let mut aside = Aside::default();
         let value = message(text, &mut aside).unwrap();
-        let written = serde_json::to_string(&Spliced {
-            value: &value,
-            aside: &aside,
-        })
-        .unwrap();
-        (value, written)
+        let mut written = Vec::new();
+        write_spliced(&value, &aside, &mut written);
+        (value, String::from_utf8(written).unwrap())
     }
 
     #[test]

@@ -7,7 +7,7 @@ use super::arguments::{NameScan, scan_name, without};
 use super::test_support::{
     call_args, call_open, client_view, content_chunk, events, rewrite_chunks,
 };
-use super::view::{clean_request, elements};
+use super::view::{checked_members, clean_request, elements, is_text, members};
 use super::{
     DATABRICKS_TOOL_CALL, FilterAction, RequestSanitizer, SseLimits, ToolContext, sanitize_request,
     sanitize_request_bytes,
@@ -974,6 +974,52 @@ proptest! {
         let raw: &serde_json::value::RawValue = serde_json::from_str(&text).unwrap();
         let parsed: Vec<&serde_json::value::RawValue> = serde_json::from_str(&text).unwrap();
         let parsed: Vec<&str> = parsed.iter().map(|raw| raw.get()).collect();
-        prop_assert_eq!(elements(raw), Some(parsed));
+        prop_assert_eq!(elements(raw.get()), Some(parsed));
+    }
+}
+
+proptest! {
+    #![proptest_config(config(1000))]
+
+    /// Taking apart an object serde_json has checked, without checking it again, gives what
+    /// serde_json gives: the same keys, unescaped, and the same values; and neither takes an
+    /// object that gives a key twice.
+    #[test]
+    fn checked_members_agree_with_the_parser(
+        vocabulary in vocabulary_json(),
+        tricky in tricky_json(),
+        space in prop::sample::select(&["", " ", "\n\t "][..]),
+        escape_keys in any::<bool>(),
+    ) {
+        let mut written = String::new();
+        vocabulary.write_spaced(&mut written, space);
+        let tricky = if space.is_empty() {
+            tricky.to_string()
+        } else {
+            serde_json::to_string_pretty(&tricky).unwrap()
+        };
+        for mut text in [written, tricky] {
+            if escape_keys {
+                text = text.replace("\"role\"", "\"\\u0072ole\"");
+            }
+            let parsed = members(text.as_bytes()).map(|members| {
+                members.into_iter().map(|(key, raw)| (key, raw.get())).collect::<Vec<_>>()
+            });
+            prop_assert_eq!(checked_members(&text), parsed, "{}", text);
+        }
+    }
+
+    /// Whether a string holds more than whitespace, read from its JSON text, is what serde's
+    /// unescaping and `trim` say, escapes and all.
+    #[test]
+    fn is_text_agrees_with_the_parser(
+        text in "[ \t\n\u{a0}\u{2003}\u{8}\u{c}\u{1}\"\\\\/ax]{0,4}",
+        spaces_as_escapes in any::<bool>(),
+    ) {
+        let mut json = serde_json::to_string(&text).unwrap();
+        if spaces_as_escapes {
+            json = json.replace(' ', "\\u0020");
+        }
+        prop_assert_eq!(is_text(&json), !text.trim().is_empty(), "{}", json);
     }
 }

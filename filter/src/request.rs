@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::lean::{self, Aside, Spliced};
+use super::lean::{self, Aside};
 use super::report::{FilterAction, FilterReport};
 use super::response::ToolContext;
 use super::rules::{self, FieldPath, Mode, ModelRules, RequestContext};
@@ -543,14 +543,7 @@ impl RewrittenList<'_> {
                 Value::Number(i) => {
                     out.extend_from_slice(self.list.get(i.as_u64()? as usize)?.0.as_bytes())
                 }
-                message => serde_json::to_writer(
-                    &mut *out,
-                    &Spliced {
-                        value: message,
-                        aside: &self.aside,
-                    },
-                )
-                .ok()?,
+                message => lean::write_spliced(message, &self.aside, out),
             }
         }
         out.push(b']');

@@ -117,11 +117,10 @@ pub(crate) fn messages(raw: &RawValue) -> Messages<'_> {
 
 /// The elements of a JSON array as raw text, in order; `None` when `raw` is not an array.
 ///
-/// A structural scan that only follows strings and nesting: a `RawValue` holds JSON that
-/// serde_json has already checked, so checking it again while taking it apart (as parsing it
-/// into a `Vec<&RawValue>` would) is a second full pass over the body for nothing.
-pub(crate) fn elements(raw: &RawValue) -> Option<Vec<&str>> {
-    let text = raw.get();
+/// A structural scan that only follows strings and nesting: `text` is JSON that serde_json has
+/// already checked, so checking it again while taking it apart (as parsing it into a
+/// `Vec<&RawValue>` would) is a second full pass over the body for nothing.
+pub(crate) fn elements(text: &str) -> Option<Vec<&str>> {
     let bytes = text.as_bytes();
     if bytes.first() != Some(&b'[') {
         return None;
@@ -162,15 +161,22 @@ pub(crate) fn elements(raw: &RawValue) -> Option<Vec<&str>> {
 }
 
 /// Where a string whose contents start at `from` ends: just past its closing quote.
+///
+/// The search is for quotes alone, past any other escape (source code in a tool result has a
+/// `\n` every line); a quote is the end unless an odd run of backslashes escapes it.
 fn after_string(bytes: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     loop {
-        i += memchr::memchr2(b'"', b'\\', bytes.get(i..)?)?;
-        if bytes[i] == b'"' {
+        i += memchr::memchr(b'"', bytes.get(i..)?)?;
+        let backslashes = bytes[from..i]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count();
+        if backslashes % 2 == 0 {
             return Some(i + 1);
         }
-        // An escape: the byte after the backslash is never the end.
-        i += 2;
+        i += 1;
     }
 }
 
@@ -180,11 +186,37 @@ pub(crate) fn trim_json_end(text: &str) -> &str {
 
 /// Whether `raw` is a string with more than whitespace in it: the rules never change such a
 /// `text` or `content`, nor judge it by more than that.
-pub(crate) fn is_text(raw: &RawValue) -> bool {
-    matches!(
-        serde_json::from_str::<Shape<IgnoredAny>>(raw.get()),
-        Ok(Shape::Text)
-    )
+pub(crate) fn is_text(raw: &str) -> bool {
+    let written = raw
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'));
+    match written.map(scan::blank) {
+        None => false,
+        Some(Some(blank)) => !blank,
+        Some(None) => matches!(
+            serde_json::from_str::<Shape<IgnoredAny>>(raw),
+            Ok(Shape::Text)
+        ),
+    }
+}
+
+/// The members of the object `raw` (JSON serde_json has checked, part of a body [`members`]
+/// read) in order, keys unescaped and values as raw text, without checking it again; `None`
+/// for anything that is not an object and for an object that gives a key twice.
+pub(crate) fn checked_members(raw: &str) -> Option<Vec<(Cow<'_, str>, &str)>> {
+    let split = scan::object_members(raw)?;
+    let mut members: Vec<(Cow<'_, str>, &str)> = Vec::with_capacity(split.len());
+    for (quoted, value) in split {
+        let key = match quoted.get(1..quoted.len() - 1) {
+            Some(written) if !written.contains('\\') => Cow::Borrowed(written),
+            _ => Cow::Owned(serde_json::from_str::<String>(quoted).ok()?),
+        };
+        if members.iter().any(|(seen, _)| *seen == key) {
+            return None;
+        }
+        members.push((key, value));
+    }
+    Some(members)
 }
 
 /// Whether the rules would leave a request's `system` as it is.
@@ -769,7 +801,7 @@ mod tests {
         ];
         for (text, want) in cases {
             let raw: &RawValue = serde_json::from_str(text).unwrap();
-            assert_eq!(elements(raw).as_deref(), *want, "{text}");
+            assert_eq!(elements(raw.get()).as_deref(), *want, "{text}");
         }
     }
 

@@ -39,6 +39,40 @@ pub(super) fn messages(text: &str) -> Option<Vec<Scanned<'_>>> {
     })
 }
 
+/// The members of the JSON object `text` (checked by serde_json), cut where serde_json cuts
+/// them: each key as written, quotes included, and its value; `None` when `text` is not an
+/// object.
+pub(super) fn object_members(text: &str) -> Option<Vec<(&str, &str)>> {
+    let mut scan = Scan { text, i: 0 };
+    if !scan.eat(b'{') {
+        return None;
+    }
+    let mut members = Vec::new();
+    if scan.eat(b'}') {
+        return Some(members);
+    }
+    loop {
+        if scan.peek()? != b'"' {
+            return None;
+        }
+        let key_start = scan.i;
+        scan.string()?;
+        let key = &text[key_start..scan.i];
+        if !scan.eat(b':') {
+            return None;
+        }
+        let value_start = scan.i;
+        scan.skip()?;
+        members.push((key, &text[value_start..scan.i]));
+        if scan.eat(b'}') {
+            return Some(members);
+        }
+        if !scan.eat(b',') {
+            return None;
+        }
+    }
+}
+
 struct Scan<'a> {
     text: &'a str,
     i: usize,
@@ -306,7 +340,7 @@ impl<'a> Scan<'a> {
 
 /// Whether a string, as written between its quotes, holds only whitespace once unescaped (what
 /// `Shape` asks of it); `None` for a `\u` escape among the whitespace.
-fn blank(written: &str) -> Option<bool> {
+pub(super) fn blank(written: &str) -> Option<bool> {
     let mut chars = written.chars();
     while let Some(c) = chars.next() {
         if c == '\\' {
