@@ -1,12 +1,13 @@
-//! Reading a message for its verdict by a structural scan instead of serde.
+//! Reading messages by a structural scan instead of serde.
 //!
-//! A message's raw text has already been checked by serde_json (it is part of a `RawValue`), so
-//! its structure can be followed the way [`super::elements`] follows a list: by strings and
-//! nesting alone. [`messages`] gives exactly what `serde_json::from_str::<Obj<Message>>` gives,
-//! or `None` where only the parser can tell: a key or a compared string written with an escape,
-//! a `\u` escape among the whitespace a text starts with, a key given twice (serde's derive
-//! refuses it), or deep nesting.
-//! The caller then asks the parser, so the scan never changes an answer, it only saves one.
+//! The text read here has already been checked by serde_json (it is part of a body the view has
+//! split), so its structure can be followed the way [`super::elements`] follows a list: by
+//! strings and nesting alone. [`messages`] cuts a list and reads each message exactly as
+//! `serde_json::from_str::<Obj<Message>>` reads it, or gives `None` for a message only the parser
+//! can tell about: a key or a compared string written with an escape, a `\u` escape among the
+//! whitespace a text starts with, a key given twice (serde's derive refuses it), or deep
+//! nesting. The caller then asks the parser, so the scan never changes an answer, it only saves
+//! one. [`object_members`] takes an object apart the same way.
 
 use std::borrow::Cow;
 
@@ -22,7 +23,8 @@ pub(super) type Scanned<'a> = (&'a str, Option<Obj<Message<'a>>>);
 
 /// The elements of the list `text` (JSON serde_json has checked) as raw text, each with its
 /// message as serde would read it, or `None` where only serde can tell; `None` when `text` is
-/// not a list. One pass, where [`super::elements`] and [`message`] would take two.
+/// not a list. One pass, where [`super::elements`] and a serde read of each message would take
+/// two.
 pub(super) fn messages(text: &str) -> Option<Vec<Scanned<'_>>> {
     let mut scan = Scan { text, i: 0 };
     if scan.peek()? != b'[' {
