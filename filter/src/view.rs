@@ -115,49 +115,13 @@ pub(crate) fn messages(raw: &RawValue) -> Messages<'_> {
     Messages::List(verdicts.collect())
 }
 
-/// The elements of a JSON array as raw text, in order; `None` when `raw` is not an array.
+/// The elements of a JSON array as raw text, in order; `None` when `text` is not an array.
 ///
 /// A structural scan that only follows strings and nesting: `text` is JSON that serde_json has
 /// already checked, so checking it again while taking it apart (as parsing it into a
 /// `Vec<&RawValue>` would) is a second full pass over the body for nothing.
 pub(crate) fn elements(text: &str) -> Option<Vec<&str>> {
-    let bytes = text.as_bytes();
-    if bytes.first() != Some(&b'[') {
-        return None;
-    }
-    let mut out = Vec::new();
-    // Where the current element starts, and how deep inside it the scan is.
-    let mut start: Option<usize> = None;
-    let mut depth = 0usize;
-    let mut i = 1;
-    while let Some(&b) = bytes.get(i) {
-        match b {
-            b'"' => {
-                start.get_or_insert(i);
-                i = after_string(bytes, i + 1)?;
-                continue;
-            }
-            b'[' | b'{' => {
-                start.get_or_insert(i);
-                depth += 1;
-            }
-            b']' | b'}' if depth > 0 => depth -= 1,
-            b']' => {
-                out.extend(start.map(|start| trim_json_end(&text[start..i])));
-                return Some(out);
-            }
-            b',' if depth == 0 => {
-                out.push(trim_json_end(&text[start?..i]));
-                start = None;
-            }
-            b' ' | b'\t' | b'\n' | b'\r' => {}
-            _ => {
-                start.get_or_insert(i);
-            }
-        }
-        i += 1;
-    }
-    None
+    scan::elements(text)
 }
 
 /// Where a string whose contents start at `from` ends: just past its closing quote.

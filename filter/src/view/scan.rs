@@ -1,13 +1,13 @@
 //! Reading messages by a structural scan instead of serde.
 //!
 //! The text read here has already been checked by serde_json (it is part of a body the view has
-//! split), so its structure can be followed the way [`super::elements`] follows a list: by
-//! strings and nesting alone. [`messages`] cuts a list and reads each message exactly as
-//! `serde_json::from_str::<Obj<Message>>` reads it, or gives `None` for a message only the parser
-//! can tell about: a key or a compared string written with an escape, a `\u` escape among the
-//! whitespace a text starts with, a key given twice (serde's derive refuses it), or deep
-//! nesting. The caller then asks the parser, so the scan never changes an answer, it only saves
-//! one. [`object_members`] takes an object apart the same way.
+//! split), so its structure can be followed by strings and nesting alone. [`messages`] cuts a
+//! list and reads each message exactly as `serde_json::from_str::<Obj<Message>>` reads it, or
+//! gives `None` for a message only the parser can tell about: a key or a compared string
+//! written with an escape, a `\u` escape among the whitespace a text starts with, a key given
+//! twice (serde's derive refuses it), or deep nesting. The caller then asks the parser, so the
+//! scan never changes an answer, it only saves one. [`elements`] cuts a list and
+//! [`object_members`] an object the same way.
 
 use std::borrow::Cow;
 
@@ -23,8 +23,7 @@ pub(super) type Scanned<'a> = (&'a str, Option<Obj<Message<'a>>>);
 
 /// The elements of the list `text` (JSON serde_json has checked) as raw text, each with its
 /// message as serde would read it, or `None` where only serde can tell; `None` when `text` is
-/// not a list. One pass, where [`super::elements`] and a serde read of each message would take
-/// two.
+/// not a list. One pass, where [`elements`] and a serde read of each message would take two.
 pub(super) fn messages(text: &str) -> Option<Vec<Scanned<'_>>> {
     let mut scan = Scan { text, i: 0 };
     if scan.peek()? != b'[' {
@@ -38,6 +37,20 @@ pub(super) fn messages(text: &str) -> Option<Vec<Scanned<'_>>> {
             scan.skip()?;
         }
         Some((trim_json_end(&text[start..scan.i]), view))
+    })
+}
+
+/// The elements of the list `text` (JSON serde_json has checked) as raw text; `None` when
+/// `text` is not a list.
+pub(super) fn elements(text: &str) -> Option<Vec<&str>> {
+    let mut scan = Scan { text, i: 0 };
+    if scan.peek()? != b'[' {
+        return None;
+    }
+    scan.items(|scan| {
+        let start = scan.i;
+        scan.skip()?;
+        Some(&text[start..scan.i])
     })
 }
 
@@ -153,12 +166,14 @@ impl<'a> Scan<'a> {
         Some(())
     }
 
-    /// The members of the object the scan stands on, each handed to `member` with the scan on
-    /// its value; `member` reads the value and says whether the key was new.
+    /// The members of the object the scan stands on. `field` reads the value of a key it knows
+    /// and gives that field's number; for any other key it gives `None`, and the value is
+    /// skipped. A field given twice is left to serde, whose derive refuses it.
     fn members(
         &mut self,
-        mut member: impl FnMut(&mut Self, &'a str) -> Option<bool>,
+        mut field: impl FnMut(&mut Self, &'a str) -> Option<Option<u32>>,
     ) -> Option<()> {
+        let mut seen = 0u32;
         self.i += 1;
         if self.eat(b'}') {
             return Some(());
@@ -172,8 +187,10 @@ impl<'a> Scan<'a> {
             if key.contains('\\') || !self.eat(b':') {
                 return None;
             }
-            if !member(self, key)? {
-                return None;
+            match field(self, key)? {
+                Some(n) if seen & (1 << n) != 0 => return None,
+                Some(n) => seen |= 1 << n,
+                None => self.skip()?,
             }
             if self.eat(b'}') {
                 return Some(());
@@ -258,9 +275,8 @@ impl<'a> Scan<'a> {
 
     fn message(&mut self, depth: usize) -> Option<Message<'a>> {
         let mut message = Message::default();
-        let mut seen = [false; 5];
         self.members(|scan, key| {
-            let slot = match key {
+            let field = match key {
                 "role" => {
                     message.role = scan.str()?;
                     0
@@ -287,18 +303,17 @@ impl<'a> Scan<'a> {
                     scan.skip()?;
                     4
                 }
-                _ => return scan.skip().map(|()| true),
+                _ => return Some(None),
             };
-            Some(!std::mem::replace(&mut seen[slot], true))
+            Some(Some(field))
         })?;
         Some(message)
     }
 
     fn block(&mut self, depth: usize) -> Option<Block<'a>> {
         let mut block = Block::default();
-        let mut seen = [false; 5];
         self.members(|scan, key| {
-            let slot = match key {
+            let field = match key {
                 "type" => {
                     block.kind = scan.str()?;
                     0
@@ -319,22 +334,21 @@ impl<'a> Scan<'a> {
                     block.content = scan.shape(depth, Scan::blocks)?;
                     4
                 }
-                _ => return scan.skip().map(|()| true),
+                _ => return Some(None),
             };
-            Some(!std::mem::replace(&mut seen[slot], true))
+            Some(Some(field))
         })?;
         Some(block)
     }
 
     fn call(&mut self, _depth: usize) -> Option<Call<'a>> {
         let mut call = Call::default();
-        let mut seen = false;
         self.members(|scan, key| {
             if key != "id" {
-                return scan.skip().map(|()| true);
+                return Some(None);
             }
             call.id = scan.str()?;
-            Some(!std::mem::replace(&mut seen, true))
+            Some(Some(0))
         })?;
         Some(call)
     }
