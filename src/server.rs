@@ -18,6 +18,7 @@
 
 mod deadlines;
 mod limit;
+mod sniff;
 mod unix;
 
 use std::convert::Infallible;
@@ -34,8 +35,8 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -338,17 +339,53 @@ async fn serve_connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let io = TokioIo::new(DeadlineIo::new(io, clock));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Head and idle deadlines are the connection clock's: hyper's own header timeout would
-    // start when an answer ends and so cut idle kept-alive connections at the header timeout.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .keep_alive(!reserve);
-    builder.http2().timer(TokioTimer::new());
-    let connection = builder.serve_connection(io, TowerToHyperService::new(service));
+    let io = DeadlineIo::new(io, clock);
+    let sniffed = tokio::select! {
+        sniffed = sniff::sniff(io) => sniffed,
+        () = shutdown.cancelled() => return,
+    };
+    let (version, io) = match sniffed {
+        Ok(sniffed) => sniffed,
+        Err(err) => {
+            tracing::trace!(error = %err, "connection ended before its first request");
+            return;
+        }
+    };
+    let io = TokioIo::new(io);
+    let service = TowerToHyperService::new(service);
+    match version {
+        sniff::Version::Http1 => {
+            // Head and idle deadlines are the connection clock's: hyper's own header timeout
+            // would start when an answer ends and so cut idle kept-alive connections at the
+            // header timeout.
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(None)
+                .keep_alive(!reserve)
+                .serve_connection(io, service);
+            until_shutdown(connection, http1::Connection::graceful_shutdown, shutdown).await;
+        }
+        // Boxed: an HTTP/2 connection's state is twice the size of an HTTP/1 one's, and held
+        // inline it would make every connection's task that large.
+        sniff::Version::Http2 => {
+            let connection = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, service);
+            let serving =
+                until_shutdown(connection, http2::Connection::graceful_shutdown, shutdown);
+            Box::pin(serving).await;
+        }
+    }
+}
+
+/// Serves `connection` until it closes; on `shutdown`, finishes what is in flight and closes.
+async fn until_shutdown<C>(
+    connection: C,
+    graceful_shutdown: fn(Pin<&mut C>),
+    shutdown: CancellationToken,
+) where
+    C: Future<Output = hyper::Result<()>>,
+{
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => {
@@ -357,7 +394,7 @@ async fn serve_connection<I>(
             }
         }
         () = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
+            graceful_shutdown(connection.as_mut());
             let _ = connection.await;
         }
     }

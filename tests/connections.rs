@@ -161,6 +161,48 @@ async fn an_idle_kept_alive_connection_outlives_the_header_timeout_until_the_idl
     );
 }
 
+/// The listener tells HTTP/2 from HTTP/1 by a connection's first bytes: an HTTP/2 client with
+/// prior knowledge is served in HTTP/2, and an HTTP/1 request whose first bytes look like the
+/// start of HTTP/2's preface, sent a few bytes at a time, is still read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_http2_clients_are_told_apart_by_their_first_bytes() {
+    let ws = FakeWorkspace::start().await;
+    let pat = ws.mint(Duration::from_secs(600));
+    let (_home, proxy) = start(&ws, &pat, binary(), &[]).await;
+    let url = format!("http://{}", proxy.addr);
+
+    common::install_crypto();
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let res = h2
+        .post(format!("{url}/chat/invocations"))
+        .json_body(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.version(), reqwest::Version::HTTP_2);
+    assert_eq!(res.status(), 200);
+    assert_eq!(ws.stats().serving_ok, 1);
+
+    // "PRI" is where HTTP/2's preface and this request part ways.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    for part in ["P", "RI", " /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"] {
+        stream.write_all(part.as_bytes()).await.unwrap();
+        stream.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 ", "{}", String::from_utf8_lossy(&head));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_connection_limit_health_checks_are_answered_and_nothing_is_forwarded() {
     let ws = FakeWorkspace::start().await;
