@@ -207,7 +207,9 @@ impl FromRef<AppState> for HealthState {
 /// `/metrics`, `/models` and `/v1/models` for `GET`.
 pub fn app(state: AppState) -> Router {
     let metrics = state.metrics.clone();
-    let forwarder = state.forwarder.clone();
+    // One copy for every request: a `Forwarder` is a few hundred bytes of handles, each
+    // request's future holds only this pointer.
+    let forwarder = Arc::new(state.forwarder.clone());
     let request_ids = state.request_ids.clone();
     let guard = ClientGuardLayer::new(state.policy.clone());
     let status = state.status.clone();
@@ -225,8 +227,8 @@ pub fn app(state: AppState) -> Router {
         )
         .layer(FreshTokenLayer::new(state.source.clone()))
         .service(tower::service_fn(move |req| {
-            let forwarder = forwarder.clone();
-            async move { Ok::<_, Infallible>(proxy::forward(forwarder, req).await) }
+            let forwarder = Arc::clone(&forwarder);
+            async move { Ok::<_, Infallible>(proxy::forward(&forwarder, req).await) }
         }));
     Router::new()
         .route("/health", get(health::health).fallback_service(forward.clone()))

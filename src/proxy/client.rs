@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
+use futures_util::TryFutureExt;
 use http::uri::Scheme;
 use http::{Request, Response, Uri};
 use http_body_util::{Either, Full};
@@ -149,15 +150,19 @@ impl ForwardingClient {
     }
 
     /// Sends `request` (its URI absolute) and waits for the answer's head.
-    pub(crate) async fn send(
+    ///
+    /// The returned future holds the request once, inside the client's own future.
+    pub(crate) fn send(
         &self,
         mut request: Request<OutgoingBody>,
-    ) -> Result<Response<UpstreamBody>, BoxError> {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, BoxError>> + Send + '_ {
         if request.uri().scheme() == Some(&Scheme::HTTP) {
             self.authorize_forward_proxy(&mut request);
         }
-        let response = Decompression::new(&self.client).oneshot(request).await?;
-        Ok(response.map(Either::Left))
+        Decompression::new(&self.client)
+            .oneshot(request)
+            .map_ok(|response| response.map(Either::Left))
+            .map_err(BoxError::from)
     }
 
     /// A plain-HTTP request sent through a proxy goes to it whole, so it carries the proxy's

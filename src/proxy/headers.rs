@@ -1,6 +1,7 @@
 //! Which headers cross the proxy.
 
-use http::header::{self, HeaderMap, HeaderName};
+use bytes::BytesMut;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1), including every `Proxy-*` header.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -21,8 +22,13 @@ pub const CREDENTIAL_HEADERS: [&str; 4] =
 /// `Connection` header names, those the client library sets itself (`Host`, `Content-Length`,
 /// `Accept-Encoding`, `Expect`), and every credential ([`CREDENTIAL_HEADERS`]): the token goes
 /// in when the request is sent.
+///
+/// The values are copied, together, into one buffer of their own. The client's values share
+/// hyper's read buffer of the client connection, and these are kept until the answer's head
+/// (a 401 or 403 sends them again): shared, they would keep that buffer from being reused, and
+/// hyper's next read on the connection would allocate another.
 pub fn upstream_request_headers(incoming: &HeaderMap) -> HeaderMap {
-    filtered(incoming, |name| {
+    let forwarded = filtered(incoming, |name| {
         [
             header::HOST,
             header::CONTENT_LENGTH,
@@ -31,7 +37,27 @@ pub fn upstream_request_headers(incoming: &HeaderMap) -> HeaderMap {
         ]
         .contains(name)
             || CREDENTIAL_HEADERS.contains(&name.as_str())
-    })
+    });
+    detached(&forwarded)
+}
+
+/// `headers` with values copied into one buffer of their own.
+fn detached(headers: &HeaderMap) -> HeaderMap {
+    let len = headers.iter().map(|(_, value)| value.len()).sum();
+    let mut joined = BytesMut::with_capacity(len);
+    for (_, value) in headers {
+        joined.extend_from_slice(value.as_bytes());
+    }
+    let mut joined = joined.freeze();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let copy = joined.split_to(value.len());
+        // The bytes were a valid value already; the check cannot fail.
+        let mut copy = HeaderValue::from_maybe_shared(copy).unwrap_or_else(|_| value.clone());
+        copy.set_sensitive(value.is_sensitive());
+        out.append(name.clone(), copy);
+    }
+    out
 }
 
 /// Response headers to send to the client: everything but hop-by-hop headers and headers the
@@ -63,6 +89,39 @@ fn filtered(headers: &HeaderMap, also_dropped: impl Fn(&HeaderName) -> bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The forwarded values are equal to the client's but share nothing with the buffer the
+    /// client's were read into, so that buffer is free once the client's request is dropped.
+    #[test]
+    fn forwarded_values_hold_no_part_of_the_clients_buffer() {
+        let read = bytes::Bytes::from(b"application/jsonclaude-cli/2.0both".to_vec());
+        let value = |range: std::ops::Range<usize>| {
+            let mut value = HeaderValue::from_maybe_shared(read.slice(range)).unwrap();
+            value.set_sensitive(false);
+            value
+        };
+        let mut incoming = HeaderMap::new();
+        incoming.append(header::CONTENT_TYPE, value(0..16));
+        incoming.append(header::USER_AGENT, value(16..30));
+        incoming.append("x-tag", value(30..34));
+        incoming.append("x-tag", value(16..22));
+        let mut secret = value(30..34);
+        secret.set_sensitive(true);
+        incoming.append("x-secret", secret);
+
+        let forwarded = upstream_request_headers(&incoming);
+        drop(incoming);
+        assert!(
+            read.is_unique(),
+            "a forwarded value still shares the read buffer"
+        );
+        assert_eq!(forwarded[header::CONTENT_TYPE], "application/json");
+        assert_eq!(forwarded[header::USER_AGENT], "claude-cli/2.0");
+        let tags: Vec<_> = forwarded.get_all("x-tag").iter().collect();
+        assert_eq!(tags, ["both", "claude"]);
+        assert!(forwarded["x-secret"].is_sensitive());
+        assert!(!forwarded[header::USER_AGENT].is_sensitive());
+    }
 
     #[test]
     fn hop_by_hop_headers_are_dropped() {

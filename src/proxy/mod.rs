@@ -25,6 +25,7 @@ mod response;
 pub mod routes;
 mod scrub;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -116,7 +117,7 @@ impl Outgoing {
 struct RetriedWith(Token);
 
 /// Forward one request; errors become JSON answers.
-pub async fn forward(fwd: Forwarder, req: Request) -> Response {
+pub async fn forward(fwd: &Forwarder, req: Request) -> Response {
     fwd.activity.record(SystemTime::now());
     let sent = req.extensions().get::<Token>().cloned();
     match fwd.forward(req).await {
@@ -151,8 +152,10 @@ impl Forwarder {
         let (mut outgoing, tools, model, _budget) = self
             .read_body(&parts.headers, body, target.mode, path_model)
             .await?;
-
-        let method = parts.method;
+        // The client's request head shares hyper's read buffer of the connection; let go of it
+        // now, or hyper's next read would allocate another buffer while the answer is awaited.
+        let method = parts.method.clone();
+        drop(parts);
         let mut held = Held::new(&self.rate_limits);
         // The token goes on after the hop-by-hop headers are gone, so that a client's
         // `Connection: authorization` cannot strip it.
@@ -408,14 +411,16 @@ impl Forwarder {
         }
     }
 
-    async fn send(
+    /// The request is built before the returned future: a request waiting on its answer's
+    /// head holds that future, and it holds the request only once, in the client's.
+    fn send(
         &self,
         method: &Method,
         uri: &http::Uri,
         headers: &HeaderMap,
         body: OutgoingBody,
         token: Option<&Token>,
-    ) -> Result<http::Response<UpstreamBody>, ProxyError> {
+    ) -> impl Future<Output = Result<http::Response<UpstreamBody>, ProxyError>> + Send + '_ {
         let mut headers = headers.clone();
         if let Some(token) = token {
             headers.insert(http::header::AUTHORIZATION, token.header_value().clone());
@@ -424,10 +429,21 @@ impl Forwarder {
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri.clone();
         *request.headers_mut() = headers;
-        let started = Instant::now();
-        let sent = tokio::time::timeout(self.upstream_timeout, self.client.send(request)).await;
-        self.metrics
-            .upstream_latency(started.elapsed().as_secs_f64());
+        let sending = self.client.send(request);
+        async move {
+            let started = Instant::now();
+            let sent = tokio::time::timeout(self.upstream_timeout, sending).await;
+            self.metrics
+                .upstream_latency(started.elapsed().as_secs_f64());
+            self.sent(sent)
+        }
+    }
+
+    /// What became of a request sent upstream.
+    fn sent(
+        &self,
+        sent: Result<Result<http::Response<UpstreamBody>, BoxError>, tokio::time::error::Elapsed>,
+    ) -> Result<http::Response<UpstreamBody>, ProxyError> {
         match sent {
             Err(_) => {
                 tracing::warn!(
