@@ -12,6 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use fresh_filter::ModelRules;
 use fresh_token::{FreshTokenLayer, TokenSource};
+use futures_util::FutureExt;
 use http::{HeaderValue, Request};
 use reqwest::Url;
 use tower::ServiceBuilder;
@@ -227,8 +228,7 @@ pub fn app(state: AppState) -> Router {
         )
         .layer(FreshTokenLayer::new(state.source.clone()))
         .service(tower::service_fn(move |req| {
-            let forwarder = Arc::clone(&forwarder);
-            async move { Ok::<_, Infallible>(proxy::forward(&forwarder, req).await) }
+            proxy::forward(Arc::clone(&forwarder), req).map(Ok::<_, Infallible>)
         }));
     Router::new()
         .route("/health", get(health::health).fallback_service(forward.clone()))

@@ -363,6 +363,7 @@ async fn serve_connection<I>(
                 .header_read_timeout(None)
                 .keep_alive(!reserve)
                 .serve_connection(io, service);
+            let connection = std::pin::pin!(connection);
             until_shutdown(connection, http1::Connection::graceful_shutdown, shutdown).await;
         }
         // Boxed: an HTTP/2 connection's state is twice the size of an HTTP/1 one's, and held
@@ -371,22 +372,22 @@ async fn serve_connection<I>(
             let connection = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .serve_connection(io, service);
-            let serving =
-                until_shutdown(connection, http2::Connection::graceful_shutdown, shutdown);
-            Box::pin(serving).await;
+            let mut connection = Box::pin(connection);
+            let connection = connection.as_mut();
+            until_shutdown(connection, http2::Connection::graceful_shutdown, shutdown).await;
         }
     }
 }
 
 /// Serves `connection` until it closes; on `shutdown`, finishes what is in flight and closes.
+/// The connection is pinned by the caller, so that its state is held once.
 async fn until_shutdown<C>(
-    connection: C,
+    mut connection: Pin<&mut C>,
     graceful_shutdown: fn(Pin<&mut C>),
     shutdown: CancellationToken,
 ) where
     C: Future<Output = hyper::Result<()>>,
 {
-    let mut connection = std::pin::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => {
             if let Err(err) = result {

@@ -117,53 +117,97 @@ impl Outgoing {
 struct RetriedWith(Token);
 
 /// Forward one request; errors become JSON answers.
-pub async fn forward(fwd: &Forwarder, req: Request) -> Response {
+///
+/// The client's request head is read before the returned future and let go there: its headers
+/// share hyper's read buffer of the connection, which hyper can then reuse for its next read
+/// instead of allocating another while the answer is awaited. The future holds what it needs
+/// of the head once, not copies of the request at each level.
+pub fn forward(fwd: Arc<Forwarder>, req: Request) -> impl Future<Output = Response> + Send {
+    use futures_util::future::{Either, ready};
+
     fwd.activity.record(SystemTime::now());
-    let sent = req.extensions().get::<Token>().cloned();
-    match fwd.forward(req).await {
-        Ok(res) => {
-            let retried = res.extensions().get::<RetriedWith>().map(|r| r.0.clone());
-            scrub::without_tokens(res, sent.iter().chain(retried.iter()))
-        }
+    let (parts, body) = req.into_parts();
+    let head = match fwd.head(parts) {
+        Ok(head) => head,
         // The proxy's own errors never hold a token, and keep their `Content-Length`.
-        Err(err) => err.into_response(),
-    }
+        Err(err) => return Either::Left(ready(err.into_response())),
+    };
+    Either::Right(async move {
+        match fwd.forward(&head, body).await {
+            Ok(res) => {
+                let retried = res.extensions().get::<RetriedWith>().map(|r| r.0.clone());
+                scrub::without_tokens(res, head.token.iter().chain(retried.iter()))
+            }
+            Err(err) => err.into_response(),
+        }
+    })
+}
+
+/// What forwarding needs of a client's request head.
+struct Head {
+    method: Method,
+    target: routes::Target,
+    /// The token the request carries (`FreshTokenLayer` put it there).
+    token: Option<Token>,
+    /// The headers to send upstream.
+    headers: HeaderMap,
+    agent: Agent,
+    /// The model the URL names (Gemini's routes do).
+    path_model: Option<String>,
+    is_json: bool,
+    /// The body's `Content-Length`.
+    declared: Option<u64>,
 }
 
 impl Forwarder {
-    async fn forward(&self, req: Request) -> Result<Response, ProxyError> {
-        let (parts, body) = req.into_parts();
+    /// Where a request goes and what goes with it, or why it goes nowhere.
+    fn head(&self, parts: http::request::Parts) -> Result<Head, ProxyError> {
         let target = self.target(&parts.uri)?;
-        let uri = target.uri;
-        let token = parts.extensions.get::<Token>().cloned();
-        let headers = upstream_request_headers(&parts.headers);
-
-        if declared_length(&parts.headers).is_some_and(|len| len > self.max_body as u64) {
+        let declared = declared_length(&parts.headers);
+        if declared.is_some_and(|len| len > self.max_body as u64) {
             return Err(ProxyError::BodyTooLarge {
                 limit: self.max_body,
             });
         }
-        let agent = Agent::of(&parts.headers);
         let path_model = match target.mode {
-            Mode::Gemini => routes::gemini_model(uri.path()),
+            Mode::Gemini => routes::gemini_model(target.uri.path()),
             _ => None,
         };
+        Ok(Head {
+            token: parts.extensions.get::<Token>().cloned(),
+            headers: upstream_request_headers(&parts.headers),
+            agent: Agent::of(&parts.headers),
+            is_json: parts
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(is_json_content_type),
+            declared,
+            path_model,
+            target,
+            method: parts.method,
+        })
+    }
+
+    async fn forward(&self, head: &Head, body: Body) -> Result<Response, ProxyError> {
+        let Head {
+            method,
+            target,
+            token,
+            headers,
+            ..
+        } = head;
+        let uri = &target.uri;
         // Held until the answer's headers are in: the body stays in memory until then.
-        let (mut outgoing, tools, model, _budget) = self
-            .read_body(&parts.headers, body, target.mode, path_model)
-            .await?;
-        // The client's request head shares hyper's read buffer of the connection; let go of it
-        // now, or hyper's next read would allocate another buffer while the answer is awaited.
-        let method = parts.method.clone();
-        drop(parts);
+        let (mut outgoing, tools, model, _budget) = self.read_body(head, body).await?;
         let mut held = Held::new(&self.rate_limits);
         // The token goes on after the hop-by-hop headers are gone, so that a client's
         // `Connection: authorization` cannot strip it.
         let mut upstream = self
             .send_when_allowed(
-                &method,
-                &uri,
-                &headers,
+                method,
+                uri,
+                headers,
                 &mut outgoing,
                 token.as_ref(),
                 &mut held,
@@ -173,7 +217,7 @@ impl Forwarder {
             upstream.status(),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
         );
-        let used = token.filter(|_| rejected && outgoing.replayable());
+        let used = token.as_ref().filter(|_| rejected && outgoing.replayable());
         let mut retried = None;
         if let Some(fresh) = match &used {
             Some(used) => self.source.refresh(used).await,
@@ -185,20 +229,13 @@ impl Forwarder {
             );
             self.metrics.retry();
             upstream = self
-                .send_when_allowed(
-                    &method,
-                    &uri,
-                    &headers,
-                    &mut outgoing,
-                    Some(&fresh),
-                    &mut held,
-                )
+                .send_when_allowed(method, uri, headers, &mut outgoing, Some(&fresh), &mut held)
                 .await?;
             retried = Some(fresh);
         }
         let accounting = model.map(|model| response::Accounting {
             model,
-            agent,
+            agent: head.agent,
             metrics: self.metrics.clone(),
         });
         let mut res = response::relay(
@@ -231,26 +268,20 @@ impl Forwarder {
             })
     }
 
-    /// The body to send, the tools it declares, and the model it asks for (`path_model` when
-    /// the URL names it).
+    /// The body to send, the tools it declares, and the model it asks for (the head's
+    /// `path_model` when the URL names it).
     async fn read_body(
         &self,
-        headers: &HeaderMap,
+        head: &Head,
         body: Body,
-        mode: Mode,
-        path_model: Option<String>,
     ) -> Result<(Outgoing, ToolContext, Option<String>, Option<BudgetShare>), ProxyError> {
-        let is_json = headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(is_json_content_type);
-        if !is_json && declared_length(headers).is_none() && !http_body::Body::is_end_stream(&body)
-        {
+        let (is_json, mode) = (head.is_json, head.target.mode);
+        if !is_json && head.declared.is_none() && !http_body::Body::is_end_stream(&body) {
             let limited = Limited::new(body, self.max_body);
             return Ok((
                 Outgoing::Streaming(Some(Body::new(limited))),
                 ToolContext::default(),
-                path_model,
+                head.path_model.clone(),
                 None,
             ));
         }
@@ -260,18 +291,19 @@ impl Forwarder {
         } else {
             1
         };
-        let (bytes, mut share) = self.read_whole(headers, body, factor).await?;
+        let (bytes, mut share) = self.read_whole(head.declared, body, factor).await?;
         if !is_json || bytes.is_empty() || mode == Mode::Passthrough {
             return Ok((
                 Outgoing::Buffered(bytes),
                 ToolContext::default(),
-                path_model,
+                head.path_model.clone(),
                 Some(share),
             ));
         }
         let sanitizer = Arc::clone(&self.sanitizer);
         let rules = Arc::clone(&self.rules);
         let inject_stream_usage = self.inject_stream_usage;
+        let path_model = head.path_model.clone();
         // The filter finds the body's model as it reads the body for the rules.
         let mut outcome = off_worker_if_large(&bytes, move |body| {
             let context = RequestContext {
@@ -298,7 +330,7 @@ impl Forwarder {
     /// sizes the buffer once: collecting chunks and joining them would hold the body twice.
     async fn read_whole(
         &self,
-        headers: &HeaderMap,
+        declared: Option<u64>,
         body: Body,
         factor: usize,
     ) -> Result<(Bytes, BudgetShare), ProxyError> {
@@ -309,7 +341,7 @@ impl Forwarder {
             budget: self.body_budget.total(),
         };
         let mut share = self.body_budget.share();
-        let declared = declared_length(headers).map_or(0, |len| len as usize);
+        let declared = declared.map_or(0, |len| len as usize);
         share
             .cover(declared.saturating_mul(factor))
             .map_err(|_| exhausted.clone())?;
@@ -374,7 +406,9 @@ impl Forwarder {
                 .and_then(|v| v.to_str().ok());
             let left = limits.rate_limited(key, retry_after);
             // The refusal is read now, so that no upstream connection is held while waiting.
-            let refusal = self.read_refusal(upstream).await;
+            // Boxed, as only a 429 takes this path: every request's future would otherwise be
+            // sized for it.
+            let refusal = Box::pin(self.read_refusal(upstream)).await;
             let waited = if outgoing.replayable() {
                 limits.wait_turn(key, deadline).await
             } else {

@@ -7,8 +7,8 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
-use http::HeaderValue;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
 
 use super::agent::Agent;
@@ -140,42 +140,18 @@ pub(super) async fn relay(
             .exact()
             .is_none_or(|n| n <= MAX_FIXED_JSON as u64)
     {
-        match read_json(upstream, read_timeout).await? {
-            JsonBody::Whole(bytes) if mode != Mode::Chat => {
-                if let Some(accounting) = &accounting {
-                    accounting.record(filter::usage_of_json(mode, &bytes));
-                }
-                Body::from(bytes)
-            }
-            JsonBody::Whole(bytes) => {
-                if let Some(accounting) = &accounting {
-                    accounting.record(filter::usage_of_json(mode, &bytes));
-                }
-                let (fixed, report) = super::off_worker_if_large(&bytes, move |body| {
-                    filter::fix_response_bytes(body, &tools)
-                })
-                .await;
-                record(metrics, &report);
-                match fixed {
-                    Some(fixed) => {
-                        headers.insert(CONTENT_LENGTH, HeaderValue::from(fixed.len()));
-                        Body::from(fixed)
-                    }
-                    None => Body::from(bytes),
-                }
-            }
-            JsonBody::TooLarge(head, rest) => {
-                tracing::debug!(
-                    limit = MAX_FIXED_JSON,
-                    "upstream JSON body too large to fix; streamed through unchanged"
-                );
-                Body::from_stream(
-                    stream::once(async { Ok(head) })
-                        .chain(idle_limited(rest, read_timeout))
-                        .inspect(log_body_error),
-                )
-            }
-        }
+        // Boxed: every request's future would otherwise be sized for this branch, which only
+        // whole JSON answers take.
+        Box::pin(json_body(
+            upstream,
+            mode,
+            tools,
+            accounting,
+            metrics,
+            read_timeout,
+            &mut headers,
+        ))
+        .await?
     } else {
         Body::from_stream(body_stream(upstream, read_timeout).inspect(log_body_error))
     };
@@ -183,6 +159,56 @@ pub(super) async fn relay(
     *res.status_mut() = status;
     *res.headers_mut() = headers;
     Ok(res)
+}
+
+/// The body of a JSON answer: read whole and fixed where it needs it, or streamed through when
+/// it is too large to hold.
+async fn json_body(
+    upstream: http::Response<UpstreamBody>,
+    mode: Mode,
+    tools: ToolContext,
+    accounting: Option<Accounting>,
+    metrics: &Metrics,
+    read_timeout: Duration,
+    headers: &mut HeaderMap,
+) -> Result<Body, ProxyError> {
+    let body = match read_json(upstream, read_timeout).await? {
+        JsonBody::Whole(bytes) if mode != Mode::Chat => {
+            if let Some(accounting) = &accounting {
+                accounting.record(filter::usage_of_json(mode, &bytes));
+            }
+            Body::from(bytes)
+        }
+        JsonBody::Whole(bytes) => {
+            if let Some(accounting) = &accounting {
+                accounting.record(filter::usage_of_json(mode, &bytes));
+            }
+            let (fixed, report) = super::off_worker_if_large(&bytes, move |body| {
+                filter::fix_response_bytes(body, &tools)
+            })
+            .await;
+            record(metrics, &report);
+            match fixed {
+                Some(fixed) => {
+                    headers.insert(CONTENT_LENGTH, HeaderValue::from(fixed.len()));
+                    Body::from(fixed)
+                }
+                None => Body::from(bytes),
+            }
+        }
+        JsonBody::TooLarge(head, rest) => {
+            tracing::debug!(
+                limit = MAX_FIXED_JSON,
+                "upstream JSON body too large to fix; streamed through unchanged"
+            );
+            Body::from_stream(
+                stream::once(async { Ok(head) })
+                    .chain(idle_limited(rest, read_timeout))
+                    .inspect(log_body_error),
+            )
+        }
+    };
+    Ok(body)
 }
 
 /// Reads a JSON body whole, up to [`MAX_FIXED_JSON`] (a body of unknown length may be
