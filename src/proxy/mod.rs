@@ -455,14 +455,18 @@ impl Forwarder {
         body: OutgoingBody,
         token: Option<&Token>,
     ) -> impl Future<Output = Result<http::Response<UpstreamBody>, ProxyError>> + Send + '_ {
-        let mut headers = headers.clone();
+        // Sized for the token: a copy of `headers` and one more would grow the map.
+        let mut request_headers = HeaderMap::with_capacity(headers.len() + 1);
+        for (name, value) in headers {
+            request_headers.append(name.clone(), value.clone());
+        }
         if let Some(token) = token {
-            headers.insert(http::header::AUTHORIZATION, token.header_value().clone());
+            request_headers.insert(http::header::AUTHORIZATION, token.header_value().clone());
         }
         let mut request = http::Request::new(body);
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri.clone();
-        *request.headers_mut() = headers;
+        *request.headers_mut() = request_headers;
         let sending = self.client.send(request);
         async move {
             let started = Instant::now();
