@@ -63,7 +63,7 @@ where
 
 pin_project! {
     /// A connection whose first bytes were read to tell its protocol: reads return those first.
-    #[derive(Debug)]
+    /// Not `Debug`: those bytes are a request head, credentials and all.
     pub(crate) struct Sniffed<I> {
         first: Bytes,
         #[pin]
