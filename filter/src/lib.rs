@@ -77,13 +77,8 @@ pub use usage::{Usage, UsageScanner, usage_of_json};
 /// The placeholder name some served models give every tool call.
 pub const DATABRICKS_TOOL_CALL: &str = "databricks-tool-call";
 
-/// Whether `needle` occurs in `haystack`. Valid UTF-8 (nearly every body) takes the standard
-/// library's vectorised string search.
+/// Whether `needle` occurs in `haystack`, by memchr's vectorised search over the bytes (a text
+/// is not checked for UTF-8 first: the needle is, and so a match is one in the text).
 fn contains(haystack: &[u8], needle: &str) -> bool {
-    match std::str::from_utf8(haystack) {
-        Ok(text) => text.contains(needle),
-        Err(_) => haystack
-            .windows(needle.len())
-            .any(|window| window == needle.as_bytes()),
-    }
+    memchr::memmem::find(haystack, needle.as_bytes()).is_some()
 }
