@@ -124,30 +124,6 @@ pub(crate) fn elements(text: &str) -> Option<Vec<&str>> {
     scan::elements(text)
 }
 
-/// Where a string whose contents start at `from` ends: just past its closing quote.
-///
-/// The search is for quotes alone, past any other escape (source code in a tool result has a
-/// `\n` every line); a quote is the end unless an odd run of backslashes escapes it.
-fn after_string(bytes: &[u8], from: usize) -> Option<usize> {
-    let mut i = from;
-    loop {
-        i += memchr::memchr(b'"', bytes.get(i..)?)?;
-        let backslashes = bytes[from..i]
-            .iter()
-            .rev()
-            .take_while(|&&b| b == b'\\')
-            .count();
-        if backslashes % 2 == 0 {
-            return Some(i + 1);
-        }
-        i += 1;
-    }
-}
-
-pub(crate) fn trim_json_end(text: &str) -> &str {
-    text.trim_end_matches([' ', '\t', '\n', '\r'])
-}
-
 /// Whether `raw` is a string with more than whitespace in it: the rules never change such a
 /// `text` or `content`, nor judge it by more than that.
 pub(crate) fn is_text(raw: &str) -> bool {
@@ -175,12 +151,23 @@ pub(crate) fn checked_members(raw: &str) -> Option<Vec<(Cow<'_, str>, &str)>> {
             Some(written) if !written.contains('\\') => Cow::Borrowed(written),
             _ => Cow::Owned(serde_json::from_str::<String>(quoted).ok()?),
         };
-        if members.iter().any(|(seen, _)| *seen == key) {
-            return None;
-        }
-        members.push((key, value));
+        push_new_key(&mut members, key, value)?;
     }
     Some(members)
+}
+
+/// Adds a member, or gives `None` when its key was given already: a `Value` keeps the last of
+/// a key given twice, and only the full path reproduces that.
+fn push_new_key<'a, V>(
+    members: &mut Vec<(Cow<'a, str>, V)>,
+    key: Cow<'a, str>,
+    value: V,
+) -> Option<()> {
+    if members.iter().any(|(seen, _)| *seen == key) {
+        return None;
+    }
+    members.push((key, value));
+    Some(())
 }
 
 /// Whether the rules would leave a request's `system` as it is.
@@ -262,10 +249,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Members<'a> {
                     let Str::Text(key) = key else {
                         return Err(de::Error::custom("key is not a string"));
                     };
-                    if members.iter().any(|(seen, _)| *seen == key) {
-                        return Err(de::Error::custom("duplicate key"));
-                    }
-                    members.push((key, map.next_value()?));
+                    push_new_key(&mut members, key, map.next_value()?)
+                        .ok_or_else(|| de::Error::custom("duplicate key"))?;
                 }
                 Ok(Members(members))
             }

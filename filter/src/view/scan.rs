@@ -13,7 +13,7 @@ use std::borrow::Cow;
 
 use serde::de::IgnoredAny;
 
-use super::{Block, Call, Message, Obj, Shape, Str, after_string, trim_json_end};
+use super::{Block, Call, Message, Obj, Shape, Str};
 
 /// Nesting past this is left to the parser, which has its own limit.
 const MAX_DEPTH: usize = 64;
@@ -59,33 +59,18 @@ pub(super) fn elements(text: &str) -> Option<Vec<&str>> {
 /// object.
 pub(super) fn object_members(text: &str) -> Option<Vec<(&str, &str)>> {
     let mut scan = Scan { text, i: 0 };
-    if !scan.eat(b'{') {
+    scan.space();
+    if scan.peek()? != b'{' {
         return None;
     }
     let mut members = Vec::new();
-    if scan.eat(b'}') {
-        return Some(members);
-    }
-    loop {
-        if scan.peek()? != b'"' {
-            return None;
-        }
-        let key_start = scan.i;
-        scan.string()?;
-        let key = &text[key_start..scan.i];
-        if !scan.eat(b':') {
-            return None;
-        }
-        let value_start = scan.i;
+    scan.each_member(|scan, key| {
+        let start = scan.i;
         scan.skip()?;
-        members.push((key, &text[value_start..scan.i]));
-        if scan.eat(b'}') {
-            return Some(members);
-        }
-        if !scan.eat(b',') {
-            return None;
-        }
-    }
+        members.push((key, &text[start..scan.i]));
+        Some(())
+    })?;
+    Some(members)
 }
 
 struct Scan<'a> {
@@ -168,12 +153,33 @@ impl<'a> Scan<'a> {
 
     /// The members of the object the scan stands on. `field` reads the value of a key it knows
     /// and gives that field's number; for any other key it gives `None`, and the value is
-    /// skipped. A field given twice is left to serde, whose derive refuses it.
+    /// skipped. A key written with an escape, and a field given twice, are left to serde (whose
+    /// derive refuses the second).
     fn members(
         &mut self,
         mut field: impl FnMut(&mut Self, &'a str) -> Option<Option<u32>>,
     ) -> Option<()> {
         let mut seen = 0u32;
+        self.each_member(|scan, quoted| {
+            let key = &quoted[1..quoted.len() - 1];
+            if key.contains('\\') {
+                return None;
+            }
+            match field(scan, key)? {
+                Some(n) if seen & (1 << n) != 0 => return None,
+                Some(n) => seen |= 1 << n,
+                None => scan.skip()?,
+            }
+            Some(())
+        })
+    }
+
+    /// Walks the object the scan stands on: `member` is given each key as written, quotes
+    /// included, with the scan on its value, and must step past the value.
+    fn each_member(
+        &mut self,
+        mut member: impl FnMut(&mut Self, &'a str) -> Option<()>,
+    ) -> Option<()> {
         self.i += 1;
         if self.eat(b'}') {
             return Some(());
@@ -183,15 +189,13 @@ impl<'a> Scan<'a> {
             if self.peek()? != b'"' {
                 return None;
             }
-            let key = self.string()?;
-            if key.contains('\\') || !self.eat(b':') {
+            let start = self.i;
+            self.string()?;
+            let key = &self.text[start..self.i];
+            if !self.eat(b':') {
                 return None;
             }
-            match field(self, key)? {
-                Some(n) if seen & (1 << n) != 0 => return None,
-                Some(n) => seen |= 1 << n,
-                None => self.skip()?,
-            }
+            member(self, key)?;
             if self.eat(b'}') {
                 return Some(());
             }
@@ -373,6 +377,30 @@ pub(super) fn blank(written: &str) -> Option<bool> {
         }
     }
     Some(true)
+}
+
+/// Where a string whose contents start at `from` ends: just past its closing quote.
+///
+/// The search is for quotes alone, past any other escape (source code in a tool result has a
+/// `\n` every line); a quote is the end unless an odd run of backslashes escapes it.
+fn after_string(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    loop {
+        i += memchr::memchr(b'"', bytes.get(i..)?)?;
+        let backslashes = bytes[from..i]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count();
+        if backslashes % 2 == 0 {
+            return Some(i + 1);
+        }
+        i += 1;
+    }
+}
+
+fn trim_json_end(text: &str) -> &str {
+    text.trim_end_matches([' ', '\t', '\n', '\r'])
 }
 
 #[cfg(test)]
