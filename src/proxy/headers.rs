@@ -38,26 +38,27 @@ pub fn upstream_request_headers(incoming: &HeaderMap) -> HeaderMap {
         .contains(name)
             || CREDENTIAL_HEADERS.contains(&name.as_str())
     });
-    detached(&forwarded)
+    detached(forwarded)
 }
 
 /// `headers` with values copied into one buffer of their own.
-fn detached(headers: &HeaderMap) -> HeaderMap {
-    let len = headers.iter().map(|(_, value)| value.len()).sum();
+fn detached(mut headers: HeaderMap) -> HeaderMap {
+    let len = headers.values().map(HeaderValue::len).sum();
     let mut joined = BytesMut::with_capacity(len);
-    for (_, value) in headers {
+    for value in headers.values() {
         joined.extend_from_slice(value.as_bytes());
     }
     let mut joined = joined.freeze();
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
+    // `values_mut` visits the values in the order `values` did.
+    for value in headers.values_mut() {
         let copy = joined.split_to(value.len());
         // The bytes were a valid value already; the check cannot fail.
-        let mut copy = HeaderValue::from_maybe_shared(copy).unwrap_or_else(|_| value.clone());
-        copy.set_sensitive(value.is_sensitive());
-        out.append(name.clone(), copy);
+        if let Ok(mut copy) = HeaderValue::from_maybe_shared(copy) {
+            copy.set_sensitive(value.is_sensitive());
+            *value = copy;
+        }
     }
-    out
+    headers
 }
 
 /// Response headers to send to the client: everything but hop-by-hop headers and headers the
