@@ -1023,3 +1023,209 @@ proptest! {
         prop_assert_eq!(is_text(&json), !text.trim().is_empty(), "{}", json);
     }
 }
+
+/// JSON made of the words usage is read from, in every odd combination: counts that are not
+/// integers, `null` where an object is expected, an object inside a count, a key given twice.
+fn usage_json() -> impl Strategy<Value = Json> {
+    const KEYS: &[&str] = &[
+        "usage",
+        "response",
+        "message",
+        "usageMetadata",
+        "prompt_tokens",
+        "completion_tokens",
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+        "prompt_tokens_details",
+        "input_tokens_details",
+        "cached_tokens",
+        "promptTokenCount",
+        "candidatesTokenCount",
+        "thoughtsTokenCount",
+        "cachedContentTokenCount",
+        "choices",
+    ];
+    let leaf = prop_oneof![
+        4 => (0..50u64).prop_map(|n| Json::Leaf(json!(n))),
+        1 => Just(Json::Leaf(Value::Null)),
+        1 => any::<bool>().prop_map(|b| Json::Leaf(Value::Bool(b))),
+        1 => (-3..0i64).prop_map(|n| Json::Leaf(json!(n))),
+        1 => Just(Json::Leaf(json!(2.5))),
+        1 => prop::sample::select(&["usage", "7"][..]).prop_map(|w| Json::Leaf(json!(w))),
+    ];
+    leaf.prop_recursive(4, 48, 5, |inner| {
+        prop_oneof![
+            1 => prop::collection::vec(inner.clone(), 0..3).prop_map(Json::Array),
+            4 => prop::collection::vec((prop::sample::select(KEYS), inner), 0..6)
+                .prop_map(Json::Object),
+        ]
+    })
+}
+
+/// A member of an answer shaped the way usage is found in one most of the time: counts, an
+/// object holding counts as its `usage`, or `null`; and at times any shape at all.
+fn usage_member() -> impl Strategy<Value = Json> {
+    const COUNT_KEYS: &[&str] = &[
+        "prompt_tokens",
+        "completion_tokens",
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "prompt_tokens_details",
+        "input_tokens_details",
+        "promptTokenCount",
+        "candidatesTokenCount",
+        "thoughtsTokenCount",
+        "cachedContentTokenCount",
+    ];
+    let count = prop_oneof![
+        4 => (0..50u64).prop_map(|n| Json::Leaf(json!(n))),
+        1 => Just(Json::Leaf(Value::Null)),
+        1 => (0..50u64).prop_map(|n| Json::Object(vec![("cached_tokens", Json::Leaf(json!(n)))])),
+    ];
+    let counts = prop::collection::vec((prop::sample::select(COUNT_KEYS), count), 0..5)
+        .prop_map(Json::Object);
+    let nested_usage = prop_oneof![
+        3 => counts.clone(),
+        1 => Just(Json::Leaf(Value::Null)),
+        1 => Just(Json::Leaf(json!("usage"))),
+    ];
+    let nested = prop::collection::vec(
+        (prop::sample::select(&["usage", "id"][..]), nested_usage),
+        0..3,
+    )
+    .prop_map(Json::Object);
+    prop_oneof![
+        3 => counts,
+        3 => nested,
+        2 => Just(Json::Leaf(Value::Null)),
+        1 => usage_json(),
+    ]
+}
+
+/// Usage as it was read through a `serde_json::Value` of the members that can hold it: the
+/// reference [`super::usage_of_json`] must agree with.
+pub(crate) fn usage_through_a_value(mode: super::Mode, body: &[u8]) -> Option<super::Usage> {
+    use super::{Mode, Usage};
+
+    #[derive(serde::Deserialize)]
+    struct UsageMembers {
+        usage: Option<Value>,
+        response: Option<Value>,
+        message: Option<Value>,
+        #[serde(rename = "usageMetadata")]
+        usage_metadata: Option<Value>,
+    }
+    if !super::contains(body, "usage") && !super::contains(body, "\\u") {
+        return None;
+    }
+    let members: UsageMembers = serde_json::from_slice(body).ok()?;
+    let value: Value = Value::Object(
+        [
+            ("usage", members.usage),
+            ("response", members.response),
+            ("message", members.message),
+            ("usageMetadata", members.usage_metadata),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| Some((key.to_owned(), value?)))
+        .collect(),
+    );
+    let openai = |usage: &Value| {
+        let usage = usage.as_object()?;
+        let count = |name: &str| usage.get(name).and_then(Value::as_u64);
+        let input = count("prompt_tokens").or_else(|| count("input_tokens"))?;
+        let output = count("completion_tokens")
+            .or_else(|| count("output_tokens"))
+            .unwrap_or(0);
+        let cached = ["prompt_tokens_details", "input_tokens_details"]
+            .iter()
+            .find_map(|details| usage.get(*details)?.get("cached_tokens")?.as_u64())
+            .unwrap_or(0);
+        Some(Usage {
+            input,
+            output,
+            cached,
+        })
+    };
+    match mode {
+        Mode::Chat | Mode::Responses => value
+            .get("usage")
+            .or_else(|| value.get("response")?.get("usage"))
+            .and_then(openai),
+        Mode::Anthropic => {
+            let usage = value
+                .get("message")
+                .and_then(|message| message.get("usage"))
+                .or_else(|| value.get("usage"));
+            let Some(Value::Object(usage)) = usage else {
+                return None;
+            };
+            let count = |name: &str| usage.get(name).and_then(Value::as_u64);
+            let mut current = Usage::default();
+            let parts = [
+                count("input_tokens"),
+                count("cache_creation_input_tokens"),
+                count("cache_read_input_tokens"),
+            ];
+            if parts.iter().any(Option::is_some) {
+                current.input = parts.iter().flatten().sum();
+                current.cached = parts[2].unwrap_or(0);
+            }
+            if let Some(output) = count("output_tokens") {
+                current.output = output;
+            }
+            Some(current)
+        }
+        Mode::Gemini => {
+            let usage = value.get("usageMetadata")?;
+            let count = |name: &str| usage.get(name).and_then(Value::as_u64);
+            Some(Usage {
+                input: count("promptTokenCount")?,
+                output: count("candidatesTokenCount").unwrap_or(0)
+                    + count("thoughtsTokenCount").unwrap_or(0),
+                cached: count("cachedContentTokenCount").unwrap_or(0),
+            })
+        }
+        Mode::Passthrough => None,
+    }
+}
+
+proptest! {
+    #![proptest_config(config(1000))]
+
+    /// Usage read without building a `Value` is the usage a `Value` of the same answer gives,
+    /// in every mode, for any shape of the members it is read from, keys escaped or not.
+    #[test]
+    fn usage_agrees_with_reading_a_value(
+        members in prop::collection::vec(prop::option::of(usage_member()), 4),
+        again in prop::option::of((
+            prop::sample::select(&["usage", "response", "message", "usageMetadata"][..]),
+            usage_member(),
+        )),
+        escape_keys in any::<bool>(),
+    ) {
+        use super::{Mode, usage_of_json};
+        let keys = ["usage", "response", "message", "usageMetadata"];
+        let mut entries: Vec<(&'static str, Json)> = vec![("id", Json::Leaf(json!("x")))];
+        entries.extend(keys.into_iter().zip(members).filter_map(|(key, member)| Some((key, member?))));
+        // At times a key given twice, which no reader takes.
+        entries.extend(again);
+        let mut text = String::new();
+        Json::Object(entries).write(&mut text);
+        if escape_keys {
+            text = text
+                .replace("\"usage\"", "\"\\u0075sage\"")
+                .replace("\"output_tokens\"", "\"\\u006futput_tokens\"");
+        }
+        for mode in [Mode::Chat, Mode::Responses, Mode::Anthropic, Mode::Gemini, Mode::Passthrough] {
+            prop_assert_eq!(
+                usage_of_json(mode, text.as_bytes()),
+                usage_through_a_value(mode, text.as_bytes()),
+                "{} {}", mode, text
+            );
+        }
+    }
+}

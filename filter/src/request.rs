@@ -281,8 +281,8 @@ fn may_apply(
 /// `"name"`, without building that needle.
 fn names(text: &str, name: &str) -> bool {
     let bytes = text.as_bytes();
-    text.match_indices(name)
-        .any(|(at, _)| at > 0 && bytes[at - 1] == b'"' && bytes.get(at + name.len()) == Some(&b'"'))
+    memchr::memmem::find_iter(bytes, name.as_bytes())
+        .any(|at| at > 0 && bytes[at - 1] == b'"' && bytes.get(at + name.len()) == Some(&b'"'))
 }
 
 /// Removes what `removals` name and asks for stream usage when `inject`; only the members a

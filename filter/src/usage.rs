@@ -26,9 +26,14 @@
 //! assert_eq!(scanner.finish(), Some(Usage { input: 125, output: 15, cached: 100 }));
 //! ```
 
-use serde_json::Value;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::rules::Mode;
+use super::view::visit_any_scalars;
 
 /// Tokens one answer used.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,35 +51,222 @@ pub fn usage_of_json(mode: Mode, body: &[u8]) -> Option<Usage> {
     if !may_name_usage(body) {
         return None;
     }
-    let value = usage_members(body)?;
+    let members = usage_members(body)?;
     let mut state = State::default();
-    state.read(mode, &value);
+    state.read(mode, &members);
     state.usage
 }
 
-/// The members of a JSON object that [`State::read`] looks at, as an object of their own; the
-/// rest (an answer's text, its tool calls) is skipped over without being kept. `None`: not a
-/// JSON object.
-fn usage_members(body: &[u8]) -> Option<Value> {
-    #[derive(serde::Deserialize)]
-    struct UsageMembers {
-        usage: Option<Value>,
-        response: Option<Value>,
-        message: Option<Value>,
-        #[serde(rename = "usageMetadata")]
-        usage_metadata: Option<Value>,
+/// The members of a JSON object that [`State::read`] looks at, read into the counts they hold;
+/// the rest (an answer's text, its tool calls) is skipped over without being kept. `None`: not
+/// a JSON object, or one that gives one of these keys twice.
+fn usage_members(body: &[u8]) -> Option<UsageMembers> {
+    serde_json::from_slice(body).ok()
+}
+
+#[derive(Default, Deserialize)]
+struct UsageMembers {
+    #[serde(default)]
+    usage: Member<Counts>,
+    #[serde(default)]
+    response: Member<Nested>,
+    #[serde(default)]
+    message: Member<Nested>,
+    #[serde(default, rename = "usageMetadata")]
+    usage_metadata: Member<Counts>,
+}
+
+/// A member read further only when it is an object. `null` is told apart: at the top of an
+/// answer it counts as absent.
+#[derive(Default)]
+enum Member<T> {
+    #[default]
+    Absent,
+    Null,
+    Map(T),
+    Other,
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Member<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MemberVisitor<T>(PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for MemberVisitor<T> {
+            type Value = Member<T>;
+
+            visit_any_scalars!(null => Member::Null, other => Member::Other);
+
+            fn visit_str<E>(self, _: &str) -> Result<Member<T>, E> {
+                Ok(Member::Other)
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Member<T>, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| Member::Other)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Member<T>, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Member::Map)
+            }
+        }
+
+        deserializer.deserialize_any(MemberVisitor(PhantomData))
     }
-    let members: UsageMembers = serde_json::from_slice(body).ok()?;
-    let object = [
-        ("usage", members.usage),
-        ("response", members.response),
-        ("message", members.message),
-        ("usageMetadata", members.usage_metadata),
-    ]
-    .into_iter()
-    .filter_map(|(key, value)| Some((key.to_owned(), value?)))
-    .collect();
-    Some(Value::Object(object))
+}
+
+/// A count: a non-negative integer, or nothing for any other value.
+#[derive(Clone, Copy, Default)]
+struct Count(Option<u64>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CountVisitor;
+
+        impl<'de> Visitor<'de> for CountVisitor {
+            type Value = Count;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_u64<E>(self, n: u64) -> Result<Count, E> {
+                Ok(Count(Some(n)))
+            }
+
+            fn visit_unit<E>(self) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+
+            fn visit_i64<E>(self, _: i64) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+
+            fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+
+            fn visit_str<E>(self, _: &str) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Count, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| Count(None))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Count, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| Count(None))
+            }
+        }
+
+        deserializer.deserialize_any(CountVisitor)
+    }
+}
+
+/// Reads an object's members by key, the last of a key given twice winning (as in a
+/// `serde_json::Value`); keys not named are skipped.
+macro_rules! last_wins {
+    ($(#[$meta:meta])* struct $name:ident { $($field:ident: $ty:ty = $key:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Default)]
+        struct $name {
+            $($field: $ty,)*
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                /// A key, unescaped: one of the members read, or any other.
+                #[allow(non_camel_case_types)]
+                enum Field {
+                    $($field,)*
+                    Other,
+                }
+
+                impl<'de> Deserialize<'de> for Field {
+                    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                        struct FieldVisitor;
+
+                        impl Visitor<'_> for FieldVisitor {
+                            type Value = Field;
+
+                            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                                f.write_str("an object key")
+                            }
+
+                            fn visit_str<E>(self, key: &str) -> Result<Field, E> {
+                                Ok(match key {
+                                    $($key => Field::$field,)*
+                                    _ => Field::Other,
+                                })
+                            }
+                        }
+
+                        deserializer.deserialize_str(FieldVisitor)
+                    }
+                }
+
+                struct MapVisitor;
+
+                impl<'de> Visitor<'de> for MapVisitor {
+                    type Value = $name;
+
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("an object")
+                    }
+
+                    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<$name, A::Error> {
+                        let mut read = $name::default();
+                        while let Some(field) = map.next_key::<Field>()? {
+                            match field {
+                                $(Field::$field => read.$field = map.next_value()?,)*
+                                Field::Other => {
+                                    map.next_value::<IgnoredAny>()?;
+                                }
+                            }
+                        }
+                        Ok(read)
+                    }
+                }
+
+                deserializer.deserialize_map(MapVisitor)
+            }
+        }
+    };
+}
+
+last_wins! {
+    /// The counts of a `usage` or `usageMetadata` object, in every API's spelling.
+    struct Counts {
+        prompt_tokens: Count = "prompt_tokens",
+        completion_tokens: Count = "completion_tokens",
+        input_tokens: Count = "input_tokens",
+        output_tokens: Count = "output_tokens",
+        cache_creation_input_tokens: Count = "cache_creation_input_tokens",
+        cache_read_input_tokens: Count = "cache_read_input_tokens",
+        prompt_tokens_details: Member<Details> = "prompt_tokens_details",
+        input_tokens_details: Member<Details> = "input_tokens_details",
+        prompt_token_count: Count = "promptTokenCount",
+        candidates_token_count: Count = "candidatesTokenCount",
+        thoughts_token_count: Count = "thoughtsTokenCount",
+        cached_content_token_count: Count = "cachedContentTokenCount",
+    }
+}
+
+last_wins! {
+    /// `prompt_tokens_details` or `input_tokens_details`.
+    struct Details {
+        cached_tokens: Count = "cached_tokens",
+    }
+}
+
+last_wins! {
+    /// An object that holds a `usage` of its own: a Responses event's `response`, an
+    /// Anthropic `message_start`'s `message`.
+    struct Nested {
+        usage: Member<Counts> = "usage",
+    }
 }
 
 #[derive(Default)]
@@ -84,21 +276,28 @@ struct State {
 
 impl State {
     /// One JSON document (a whole answer or one event) of `mode`.
-    fn read(&mut self, mode: Mode, value: &Value) {
+    fn read(&mut self, mode: Mode, members: &UsageMembers) {
         match mode {
             Mode::Chat | Mode::Responses => {
                 // Responses events carry the answer in `response`; whole answers at the top.
-                if let Some(usage) = value
-                    .get("usage")
-                    .or_else(|| value.get("response")?.get("usage"))
-                    .and_then(openai_usage)
+                let usage = match &members.usage {
+                    Member::Absent | Member::Null => match &members.response {
+                        Member::Map(response) => &response.usage,
+                        _ => &Member::Absent,
+                    },
+                    usage => usage,
+                };
+                if let Member::Map(counts) = usage
+                    && let Some(usage) = openai_usage(counts)
                 {
                     self.usage = Some(usage);
                 }
             }
-            Mode::Anthropic => self.read_anthropic(value),
+            Mode::Anthropic => self.read_anthropic(members),
             Mode::Gemini => {
-                if let Some(usage) = value.get("usageMetadata").and_then(gemini_usage) {
+                if let Member::Map(counts) = &members.usage_metadata
+                    && let Some(usage) = gemini_usage(counts)
+                {
                     self.usage = Some(usage);
                 }
             }
@@ -106,43 +305,50 @@ impl State {
         }
     }
 
-    fn read_anthropic(&mut self, value: &Value) {
+    fn read_anthropic(&mut self, members: &UsageMembers) {
         // `message_start` holds the message (input counts, a first output count); a whole
         // answer and `message_delta` hold `usage` at the top, the delta's counts cumulative.
-        let usage = value
-            .get("message")
-            .and_then(|message| message.get("usage"))
-            .or_else(|| value.get("usage"));
-        let Some(Value::Object(usage)) = usage else {
+        let usage = match &members.message {
+            Member::Map(Nested {
+                usage: Member::Absent,
+            })
+            | Member::Absent
+            | Member::Null
+            | Member::Other => &members.usage,
+            Member::Map(message) => &message.usage,
+        };
+        let Member::Map(usage) = usage else {
             return;
         };
-        let count = |name: &str| usage.get(name).and_then(Value::as_u64);
         let current = self.usage.get_or_insert_with(Usage::default);
         let parts = [
-            count("input_tokens"),
-            count("cache_creation_input_tokens"),
-            count("cache_read_input_tokens"),
+            usage.input_tokens.0,
+            usage.cache_creation_input_tokens.0,
+            usage.cache_read_input_tokens.0,
         ];
         if parts.iter().any(Option::is_some) {
             current.input = parts.iter().flatten().sum();
             current.cached = parts[2].unwrap_or(0);
         }
-        if let Some(output) = count("output_tokens") {
+        if let Some(output) = usage.output_tokens.0 {
             current.output = output;
         }
     }
 }
 
-fn openai_usage(usage: &Value) -> Option<Usage> {
-    let usage = usage.as_object()?;
-    let count = |name: &str| usage.get(name).and_then(Value::as_u64);
-    let input = count("prompt_tokens").or_else(|| count("input_tokens"))?;
-    let output = count("completion_tokens")
-        .or_else(|| count("output_tokens"))
+fn openai_usage(usage: &Counts) -> Option<Usage> {
+    let input = usage.prompt_tokens.0.or(usage.input_tokens.0)?;
+    let output = usage
+        .completion_tokens
+        .0
+        .or(usage.output_tokens.0)
         .unwrap_or(0);
-    let cached = ["prompt_tokens_details", "input_tokens_details"]
-        .iter()
-        .find_map(|details| usage.get(*details)?.get("cached_tokens")?.as_u64())
+    let cached = [&usage.prompt_tokens_details, &usage.input_tokens_details]
+        .into_iter()
+        .find_map(|details| match details {
+            Member::Map(details) => details.cached_tokens.0,
+            _ => None,
+        })
         .unwrap_or(0);
     Some(Usage {
         input,
@@ -151,14 +357,13 @@ fn openai_usage(usage: &Value) -> Option<Usage> {
     })
 }
 
-fn gemini_usage(usage: &Value) -> Option<Usage> {
-    let count = |name: &str| usage.get(name).and_then(Value::as_u64);
-    let input = count("promptTokenCount")?;
+fn gemini_usage(usage: &Counts) -> Option<Usage> {
+    let input = usage.prompt_token_count.0?;
     Some(Usage {
         input,
-        output: count("candidatesTokenCount").unwrap_or(0)
-            + count("thoughtsTokenCount").unwrap_or(0),
-        cached: count("cachedContentTokenCount").unwrap_or(0),
+        output: usage.candidates_token_count.0.unwrap_or(0)
+            + usage.thoughts_token_count.0.unwrap_or(0),
+        cached: usage.cached_content_token_count.0.unwrap_or(0),
     })
 }
 
@@ -273,10 +478,10 @@ impl UsageScanner {
         let data = std::mem::take(&mut self.data);
         if data.first() == Some(&b'{')
             && may_name_usage(&data)
-            && let Some(value) = usage_members(&data)
+            && let Some(members) = usage_members(&data)
         {
             let mut state = State { usage: self.usage };
-            state.read(self.mode, &value);
+            state.read(self.mode, &members);
             self.usage = state.usage;
         }
         self.data = data;
@@ -339,6 +544,65 @@ mod tests {
                 }),
             ),
             (Mode::Chat, r#"{"choices": [], "usage": null}"#, None),
+            // Odd shapes read as a `serde_json::Value` of the answer reads them.
+            (
+                Mode::Responses,
+                r#"{"usage": null, "response": {"usage": {"input_tokens": 5, "output_tokens": 1}}}"#,
+                Some(Usage {
+                    input: 5,
+                    output: 1,
+                    cached: 0,
+                }),
+            ),
+            (
+                Mode::Chat,
+                r#"{"usage": "n/a", "response": {"usage": {"prompt_tokens": 5}}}"#,
+                None,
+            ),
+            (
+                Mode::Chat,
+                r#"{"usage": {"prompt_tokens": 2.0, "input_tokens": 4, "prompt_tokens": -1,
+                    "prompt_tokens_details": {"cached_tokens": null},
+                    "input_tokens_details": {"cached_tokens": 3}}}"#,
+                Some(Usage {
+                    input: 4,
+                    output: 0,
+                    cached: 3,
+                }),
+            ),
+            (
+                Mode::Chat,
+                r#"{"usage": {"prompt_tokens": 1, "prompt_tokens": 7, "completion_tokens": "2"}}"#,
+                Some(Usage {
+                    input: 7,
+                    output: 0,
+                    cached: 0,
+                }),
+            ),
+            (
+                Mode::Chat,
+                r#"{"usage": {"prompt_tokens": 1}, "usage": {}}"#,
+                None,
+            ),
+            (
+                Mode::Anthropic,
+                r#"{"message": {"usage": null}, "usage": {"input_tokens": 3}}"#,
+                None,
+            ),
+            (
+                Mode::Anthropic,
+                r#"{"message": {"id": "msg_1"}, "usage": {"input_tokens": 3}}"#,
+                Some(Usage {
+                    input: 3,
+                    output: 0,
+                    cached: 0,
+                }),
+            ),
+            (
+                Mode::Gemini,
+                r#"{"usageMetadata": {"promptTokenCount": -1, "candidatesTokenCount": 4}}"#,
+                None,
+            ),
             (Mode::Chat, r#"not json"#, None),
             (
                 Mode::Passthrough,
@@ -348,6 +612,11 @@ mod tests {
         ];
         for (mode, body, expected) in cases {
             assert_eq!(usage_of_json(*mode, body.as_bytes()), *expected, "{body}");
+            assert_eq!(
+                crate::proptests::usage_through_a_value(*mode, body.as_bytes()),
+                *expected,
+                "through a Value: {body}"
+            );
         }
     }
 

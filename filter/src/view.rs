@@ -426,6 +426,8 @@ macro_rules! visit_any_scalars {
     };
 }
 
+pub(crate) use visit_any_scalars;
+
 /// A value of which the rules only need the kind; strings are reduced to whether they are blank,
 /// so long ones are never copied.
 #[derive(Default)]
