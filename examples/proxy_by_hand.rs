@@ -2,9 +2,9 @@
 //!
 //! * a token source ([`SharedToken`]; the binary uses the rotator's, which publishes into one),
 //! * [`AppState`]: forwarding settings, the source, an upstream client, status and metrics,
-//! * [`app`]: the axum router (forwarding with token injection and the content filter, plus
-//!   `/health`, `/ready` and `/metrics`),
-//! * `axum::serve` with graceful shutdown.
+//! * [`app`]: the proxy as one tower service (forwarding with token injection and the content
+//!   filter, plus `/health`, `/ready` and `/metrics`),
+//! * `axum::serve` (through `into_make_service`) with graceful shutdown.
 //!
 //! The example runs offline against a fake workspace on 127.0.0.1, sends a few requests through
 //! the proxy, and stops by itself:
@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use axum::http::HeaderMap;
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Json, Router, ServiceExt};
 use fresh_proxy::token::status::SourceKind;
 use fresh_proxy::{AppState, ProxySettings, app};
 use fresh_token::{SharedToken, Token};
@@ -78,7 +78,7 @@ async fn run() -> Result<Outcome, Error> {
     let proxy = format!("http://{}", listener.local_addr()?);
     let stop = CancellationToken::new();
     let server = tokio::spawn(
-        axum::serve(listener, app(state))
+        axum::serve(listener, app(state).into_make_service())
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
     );

@@ -1,21 +1,24 @@
-//! The whole HTTP surface as one axum [`Router`]: [`app`] and the [`AppState`] it serves from.
+//! The whole HTTP surface as one tower service: [`app`] and the [`AppState`] it serves from.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::FromRef;
 use axum::response::IntoResponse;
+use axum::routing::future::RouteFuture;
 use axum::routing::get;
 use fresh_filter::ModelRules;
 use fresh_token::{FreshTokenLayer, TokenSource};
 use futures_util::FutureExt;
-use http::{HeaderValue, Request};
+use futures_util::future::Either;
+use http::{HeaderValue, Method, Request};
 use reqwest::Url;
-use tower::ServiceBuilder;
+use tower::{Service, ServiceBuilder};
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -204,9 +207,26 @@ impl FromRef<AppState> for HealthState {
     }
 }
 
-/// The proxy's router: forwarding with token injection on every path, plus `/health`, `/ready`,
-/// `/metrics`, `/models` and `/v1/models` for `GET`.
-pub fn app(state: AppState) -> Router {
+/// The proxy's whole HTTP surface, as one tower service: forwarding with token injection on
+/// every path, plus `/health`, `/ready`, `/metrics`, `/models` and `/v1/models` for `GET` (and
+/// `HEAD`). Request ids, tracing and the client guard wrap both.
+///
+/// Forwarded requests do not pass through a router: the few local paths are told apart by
+/// [`Dispatch`] with one comparison, and only they reach the axum [`Router`] that serves them.
+/// A router's fallback would add a copy of the URI, a map of path parameters and a boxed
+/// service call to every forwarded request. Serve it with `axum::serve(listener,
+/// app(state).into_make_service())` (`axum::ServiceExt`), or with [`crate::server::serve`].
+pub fn app(
+    state: AppState,
+) -> impl Service<
+    Request<Body>,
+    Response = axum::response::Response,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ Sync
++ 'static {
     let metrics = state.metrics.clone();
     // One copy for every request: a `Forwarder` is a few hundred bytes of handles, each
     // request's future holds only this pointer.
@@ -230,40 +250,81 @@ pub fn app(state: AppState) -> Router {
         .service(tower::service_fn(move |req| {
             proxy::forward(Arc::clone(&forwarder), req).map(Ok::<_, Infallible>)
         }));
-    Router::new()
-        .route("/health", get(health::health).fallback_service(forward.clone()))
-        .route("/ready", get(health::ready).fallback_service(forward.clone()))
-        .route("/metrics", get(health::metrics).fallback_service(forward.clone()))
-        .route("/models", get(models::list).fallback_service(forward.clone()))
-        .route("/v1/models", get(models::list).fallback_service(forward.clone()))
-        .fallback_service(forward.clone())
-        .with_state(state)
+    let local = Router::new()
+        .route("/health", get(health::health))
+        .route("/ready", get(health::ready))
+        .route("/metrics", get(health::metrics))
+        .route("/models", get(models::list))
+        .route("/v1/models", get(models::list))
+        .with_state(state);
+    ServiceBuilder::new()
+        // One body type for every answer, as `axum::serve` takes.
+        .map_response(|res: http::Response<_>| res.map(Body::new))
+        .layer(SetSensitiveRequestHeadersLayer::new(
+            proxy::CREDENTIAL_HEADERS.map(http::HeaderName::from_static),
+        ))
+        .layer(SetRequestIdLayer::x_request_id(request_ids))
         .layer(
-            ServiceBuilder::new()
-                .layer(SetSensitiveRequestHeadersLayer::new(
-                    proxy::CREDENTIAL_HEADERS.map(http::HeaderName::from_static),
-                ))
-                .layer(SetRequestIdLayer::x_request_id(request_ids))
-                .layer(
-                    TraceLayer::new_for_http()
-                        .make_span_with(|req: &Request<_>| {
-                            let id = req
-                                .headers()
-                                .get("x-request-id")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("-");
-                            // Debug level: at the default `info`, a span per request costs
-                            // more than the rest of the tracing.
-                            tracing::debug_span!("request", id, method = %req.method(), path = req.uri().path())
-                        })
-                        .on_request(())
-                        .on_response(DefaultOnResponse::new().level(Level::DEBUG))
-                        .on_failure(DefaultOnFailure::new().level(Level::WARN)),
-                )
-                .layer(PropagateRequestIdLayer::x_request_id())
-                // Refusals are answered before anything else runs, and are traced like others.
-                .layer(guard),
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request<_>| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    // Debug level: at the default `info`, a span per request costs more than
+                    // the rest of the tracing.
+                    tracing::debug_span!("request", id, method = %req.method(), path = req.uri().path())
+                })
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(Level::DEBUG))
+                .on_failure(DefaultOnFailure::new().level(Level::WARN)),
         )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        // Refusals are answered before anything else runs, and are traced like others.
+        .layer(guard)
+        .service(Dispatch { local, forward })
+}
+
+/// Sends the proxy's own endpoints to their router and every other request to forwarding.
+#[derive(Clone)]
+struct Dispatch<F> {
+    local: Router,
+    forward: F,
+}
+
+impl<F> Dispatch<F> {
+    /// Whether the proxy answers `req` itself: `GET` or `HEAD` on one of its paths. Any other
+    /// method on those paths is forwarded like any other request.
+    fn is_local<B>(req: &Request<B>) -> bool {
+        matches!(*req.method(), Method::GET | Method::HEAD)
+            && matches!(
+                req.uri().path(),
+                "/health" | "/ready" | "/metrics" | "/models" | "/v1/models"
+            )
+    }
+}
+
+impl<F> Service<Request<Body>> for Dispatch<F>
+where
+    F: Service<Request<Body>, Response = axum::response::Response, Error = Infallible>,
+{
+    type Response = axum::response::Response;
+    type Error = Infallible;
+    type Future = Either<RouteFuture<Infallible>, F::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The router is always ready.
+        self.forward.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        if Self::is_local(&req) {
+            Either::Left(self.local.call(req))
+        } else {
+            Either::Right(self.forward.call(req))
+        }
+    }
 }
 
 /// The 503 an agent gets when no token can be had until a person acts: the same JSON error as
@@ -306,7 +367,35 @@ impl MakeRequestId for RequestCounter {
 
 #[cfg(test)]
 mod tests {
-    use super::hex;
+    use super::{Dispatch, hex};
+
+    #[test]
+    fn only_get_and_head_on_the_proxys_own_paths_stay_local() {
+        let cases = [
+            ("GET", "/health", true),
+            ("HEAD", "/health", true),
+            ("GET", "/ready", true),
+            ("GET", "/metrics", true),
+            ("GET", "/models", true),
+            ("HEAD", "/v1/models", true),
+            ("POST", "/health", false),
+            ("DELETE", "/metrics", false),
+            ("OPTIONS", "/ready", false),
+            ("GET", "/health/", false),
+            ("GET", "/Health", false),
+            ("GET", "/models/x", false),
+            ("GET", "/serving-endpoints/health", false),
+            ("POST", "/serving-endpoints/m/invocations", false),
+        ];
+        for (method, path, local) in cases {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(format!("http://127.0.0.1:4000{path}?a=1"))
+                .body(())
+                .unwrap();
+            assert_eq!(Dispatch::<()>::is_local(&req), local, "{method} {path}");
+        }
+    }
 
     #[test]
     fn request_ids_are_lower_case_hex() {

@@ -30,7 +30,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use http::{Method, Request, StatusCode};
@@ -118,13 +117,35 @@ impl Default for ConnectionSettings {
     }
 }
 
+/// What a worker serves: a tower service that answers every request, such as
+/// [`crate::app()`] or an axum [`Router`](axum::Router).
+pub trait App:
+    tower::Service<Request<Body>, Response = Response, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> App for S where
+    S: tower::Service<
+            Request<Body>,
+            Response = Response,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// Serve `listeners` until `shutdown` is cancelled, then wait for every accepted connection to
 /// finish (graceful shutdown: no new connections, in-flight requests complete).
 ///
 /// `make_app` builds the app each worker serves. It runs once on each worker thread, inside that
 /// worker's runtime, so what the app creates there (such as an upstream connection pool) belongs
 /// to that runtime.
-pub async fn serve<F>(
+pub async fn serve<F, S>(
     listeners: impl Into<Listeners>,
     workers: NonZeroUsize,
     settings: ConnectionSettings,
@@ -132,7 +153,8 @@ pub async fn serve<F>(
     make_app: F,
 ) -> io::Result<()>
 where
-    F: Fn() -> Router + Clone + Send + 'static,
+    F: Fn() -> S + Clone + Send + 'static,
+    S: App,
 {
     let Listeners { tcp, unix } = listeners.into();
     let limit = ConnectionLimit::new(settings.max_connections);
@@ -245,7 +267,7 @@ struct Handoff {
 
 /// Start worker `index`: a thread with a single-threaded runtime serving what it is handed
 /// until `shutdown`; `done` is sent when its last connection has finished.
-fn spawn_worker<F>(
+fn spawn_worker<F, S>(
     index: usize,
     mut accepted: mpsc::UnboundedReceiver<Handoff>,
     deadlines: Deadlines,
@@ -254,7 +276,8 @@ fn spawn_worker<F>(
     done: oneshot::Sender<()>,
 ) -> io::Result<()>
 where
-    F: Fn() -> Router + Send + 'static,
+    F: Fn() -> S + Send + 'static,
+    S: App,
 {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -284,9 +307,9 @@ where
 
 /// Serve one connection on this worker's runtime until it closes; on `shutdown`, finish the
 /// request in flight and close.
-fn spawn_connection(
+fn spawn_connection<S: App>(
     handoff: Handoff,
-    app: &Router,
+    app: &S,
     deadlines: Deadlines,
     shutdown: &CancellationToken,
     open: mpsc::Sender<()>,
@@ -330,14 +353,15 @@ fn spawn_connection(
     }
 }
 
-async fn serve_connection<I>(
+async fn serve_connection<I, S>(
     io: I,
     clock: ConnectionClock,
-    service: ConnectionService,
+    service: ConnectionService<S>,
     reserve: bool,
     shutdown: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    S: App,
 {
     let io = DeadlineIo::new(io, clock);
     let sniffed = tokio::select! {
@@ -403,14 +427,14 @@ async fn until_shutdown<C>(
 
 /// The app as one connection serves it: requests counted on the connection's clock, request
 /// bodies held to the pause limit, and in the reserve only health checks.
-#[derive(Clone, Debug)]
-struct ConnectionService {
-    app: Router,
+#[derive(Clone)]
+struct ConnectionService<S> {
+    app: S,
     clock: ConnectionClock,
     reserve: bool,
 }
 
-impl tower::Service<Request<Incoming>> for ConnectionService {
+impl<S: App> tower::Service<Request<Incoming>> for ConnectionService<S> {
     type Response = Response;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
@@ -479,6 +503,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
+    use axum::Router;
     use axum::routing::get;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
@@ -522,12 +547,13 @@ mod tests {
 
     /// `serve` on a free loopback port with `workers` workers: its address, the shutdown
     /// switch, and the running server.
-    async fn start<F>(
+    async fn start<F, S>(
         workers: usize,
         make_app: F,
     ) -> (SocketAddr, CancellationToken, JoinHandle<io::Result<()>>)
     where
-        F: Fn() -> Router + Clone + Send + 'static,
+        F: Fn() -> S + Clone + Send + 'static,
+        S: App,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

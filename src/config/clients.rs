@@ -142,7 +142,7 @@ fn parse_host_names(text: &str) -> Result<Vec<String>, ConfigError> {
                 format!("{item:?} is not a host name (give names such as proxy or proxy.internal, comma-separated)"),
             )
         })?;
-        names.push(name);
+        names.push(name.into_owned());
     }
     Ok(names)
 }

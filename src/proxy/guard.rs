@@ -17,6 +17,7 @@
 //! healthcheck, a kubernetes probe sending the pod's address as `Host`) use them, and they hold
 //! no secret and spend no token. `/metrics` is guarded like forwarding.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -170,7 +171,11 @@ impl ClientPolicy {
     /// Also answer to `names` (host names or addresses, as [`host_name`] gives them).
     pub fn allow_hosts(mut self, names: impl IntoIterator<Item = String>) -> Self {
         let mut hosts = self.hosts.to_vec();
-        hosts.extend(names.into_iter().filter_map(|name| host_name(&name)));
+        hosts.extend(
+            names
+                .into_iter()
+                .filter_map(|name| host_name(&name).map(Cow::into_owned)),
+        );
         self.hosts = hosts.into();
         self
     }
@@ -187,7 +192,7 @@ impl ClientPolicy {
     }
 
     fn allows_host(&self, authority: &str) -> bool {
-        host_name(authority).is_some_and(|name| self.hosts.contains(&name))
+        host_name(authority).is_some_and(|name| self.hosts.iter().any(|host| **host == *name))
     }
 
     /// Whether `method`, `path`, `target_host` (the authority of the request target, for
@@ -271,8 +276,9 @@ fn origin_authority(origin: &str) -> Option<&str> {
 }
 
 /// The host of `authority` (`name`, `name:port`, `1.2.3.4:port`, `[::1]:port`), lower-case,
-/// without port or trailing dot; `None` if it is not a host name or address.
-pub fn host_name(authority: &str) -> Option<String> {
+/// without port or trailing dot; `None` if it is not a host name or address. Borrowed from
+/// `authority` unless it has upper-case letters: every request's `Host` is checked.
+pub fn host_name(authority: &str) -> Option<Cow<'_, str>> {
     let authority = authority.trim();
     let host = if let Some(rest) = authority.strip_prefix('[') {
         let (inside, after) = rest.split_once(']')?;
@@ -286,7 +292,8 @@ pub fn host_name(authority: &str) -> Option<String> {
         {
             return None;
         }
-        return Some(format!("[{}]", inside.to_ascii_lowercase()));
+        // The brackets and what is inside them.
+        return Some(lower_case(&authority[..inside.len() + 2]));
     } else {
         match authority.rsplit_once(':') {
             Some((host, port)) if is_port(port) => host,
@@ -299,7 +306,15 @@ pub fn host_name(authority: &str) -> Option<String> {
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-    valid.then(|| host.to_ascii_lowercase())
+    valid.then(|| lower_case(host))
+}
+
+fn lower_case(text: &str) -> Cow<'_, str> {
+    if text.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(text.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(text)
+    }
 }
 
 fn is_port(text: &str) -> bool {
@@ -421,6 +436,16 @@ mod tests {
         for (authority, expected) in cases {
             assert_eq!(host_name(authority).as_deref(), expected, "{authority:?}");
         }
+        // A name already in lower case is not copied.
+        assert!(matches!(
+            host_name("localhost:4000"),
+            Some(Cow::Borrowed("localhost"))
+        ));
+        assert!(matches!(
+            host_name("[::1]:4000"),
+            Some(Cow::Borrowed("[::1]"))
+        ));
+        assert!(matches!(host_name("LocalHost"), Some(Cow::Owned(_))));
     }
 
     /// Policy, method, path, headers, outcome.

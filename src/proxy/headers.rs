@@ -28,7 +28,7 @@ pub const CREDENTIAL_HEADERS: [&str; 4] =
 /// (a 401 or 403 sends them again): shared, they would keep that buffer from being reused, and
 /// hyper's next read on the connection would allocate another.
 pub fn upstream_request_headers(incoming: &HeaderMap) -> HeaderMap {
-    let forwarded = filtered(incoming, |name| {
+    let forwarded = filtered(incoming, 0, |name| {
         [
             header::HOST,
             header::CONTENT_LENGTH,
@@ -62,13 +62,19 @@ fn detached(mut headers: HeaderMap) -> HeaderMap {
 }
 
 /// Response headers to send to the client: everything but hop-by-hop headers and headers the
-/// `Connection` header names.
+/// `Connection` header names. The map has room for the `x-request-id` added on the way out, so
+/// that adding it does not grow the map.
 pub fn client_response_headers(upstream: &HeaderMap) -> HeaderMap {
-    filtered(upstream, |_| false)
+    filtered(upstream, 1, |_| false)
 }
 
-/// The headers to forward, built in one pass: nothing is copied only to be removed again.
-fn filtered(headers: &HeaderMap, also_dropped: impl Fn(&HeaderName) -> bool) -> HeaderMap {
+/// The headers to forward, built in one pass: nothing is copied only to be removed again. The
+/// map has `room` for more.
+fn filtered(
+    headers: &HeaderMap,
+    room: usize,
+    also_dropped: impl Fn(&HeaderName) -> bool,
+) -> HeaderMap {
     // Nearly every request and answer names nothing in `Connection` (or has none): no list.
     let named_by_connection: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -78,7 +84,7 @@ fn filtered(headers: &HeaderMap, also_dropped: impl Fn(&HeaderName) -> bool) -> 
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .filter(|name| !is_hop_by_hop(name))
         .collect();
-    let mut out = HeaderMap::with_capacity(headers.len());
+    let mut out = HeaderMap::with_capacity(headers.len() + room);
     for (name, value) in headers {
         if !is_hop_by_hop(name) && !also_dropped(name) && !named_by_connection.contains(name) {
             out.append(name.clone(), value.clone());
@@ -90,6 +96,24 @@ fn filtered(headers: &HeaderMap, also_dropped: impl Fn(&HeaderName) -> bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `x-request-id` added to every answer on its way out fits in the map as built.
+    #[test]
+    fn an_answers_headers_have_room_for_the_request_id() {
+        for count in 0..20 {
+            let mut upstream = HeaderMap::new();
+            for i in 0..count {
+                upstream.insert(
+                    HeaderName::try_from(format!("x-upstream-{i}")).unwrap(),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            let mut headers = client_response_headers(&upstream);
+            let capacity = headers.capacity();
+            headers.insert("x-request-id", HeaderValue::from_static("1f"));
+            assert_eq!(headers.capacity(), capacity, "{count} headers");
+        }
+    }
 
     /// The forwarded values are equal to the client's but share nothing with the buffer the
     /// client's were read into, so that buffer is free once the client's request is dropped.

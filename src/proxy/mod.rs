@@ -455,8 +455,9 @@ impl Forwarder {
         body: OutgoingBody,
         token: Option<&Token>,
     ) -> impl Future<Output = Result<http::Response<UpstreamBody>, ProxyError>> + Send + '_ {
-        // Sized for the token: a copy of `headers` and one more would grow the map.
-        let mut request_headers = HeaderMap::with_capacity(headers.len() + 1);
+        // Sized for the token and the `Accept-Encoding` the client's decompression adds: a
+        // copy of `headers` and more would grow the map.
+        let mut request_headers = HeaderMap::with_capacity(headers.len() + 2);
         for (name, value) in headers {
             request_headers.append(name.clone(), value.clone());
         }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::ServiceExt;
 use fresh_proxy::token::status::SourceKind;
 use fresh_proxy::{AppState, ProxySettings, app};
 use fresh_token::TokenSource;
@@ -43,9 +44,11 @@ pub async fn serve(state: AppState) -> RunningProxy {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    let router = app(state.clone());
+    let app = app(state.clone());
     let server = tokio::spawn(async move {
-        axum::serve(listener, router).await.expect("serve");
+        axum::serve(listener, app.into_make_service())
+            .await
+            .expect("serve");
     });
     RunningProxy {
         addr,
