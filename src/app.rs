@@ -212,7 +212,7 @@ impl FromRef<AppState> for HealthState {
 /// `HEAD`). Request ids, tracing and the client guard wrap both.
 ///
 /// Forwarded requests do not pass through a router: the few local paths are told apart by
-/// [`Dispatch`] with one comparison, and only they reach the axum [`Router`] that serves them.
+/// one comparison, and only they reach the axum [`Router`] that serves them.
 /// A router's fallback would add a copy of the URI, a map of path parameters and a boxed
 /// service call to every forwarded request. Serve it with `axum::serve(listener,
 /// app(state).into_make_service())` (`axum::ServiceExt`), or with [`crate::server::serve`].
