@@ -20,6 +20,9 @@
 #                       exponentially distributed with this mean, once per mean in the list: a
 #                       sweep of offered load from about 2,000 req/s (16) down to 250 (128),
 #                       loaded but not saturated; empty: skip
+#   PACED_SECONDS=      seconds per paced run (default: half of DURATION, rounded up). A paced
+#                       run at about 1,000 req/s for 3 s has its p99 in its 30 slowest requests,
+#                       where one stall of the machine decides it; 20 s gives 200
 #   LOW_CONNECTIONS=1   also measure added latency at this concurrency (empty: skip)
 #   WRK_THREADS=1       wrk threads
 #   UPSTREAM_THREADS=1  worker threads of the fake upstream
@@ -52,6 +55,7 @@ WARMUP="${WARMUP:-2}"
 CONNECTIONS="${CONNECTIONS:-32}"
 LOW_CONNECTIONS="${LOW_CONNECTIONS-1}"
 PACED_DELAY_MS="${PACED_DELAY_MS-16 32 64 128}"
+PACED_SECONDS="${PACED_SECONDS:-$(((DURATION + 1) / 2))}"
 WRK_THREADS="${WRK_THREADS:-1}"
 UPSTREAM_THREADS="${UPSTREAM_THREADS:-1}"
 REFERENCE="${REFERENCE:-auto}"
@@ -405,7 +409,7 @@ if [[ "$SKIP_THROUGHPUT" != 1 ]]; then
         start_floor
         say "floor: hyper passthrough, no filter"
     fi
-    say "wrk: $WRK_THREADS thread(s), $CONNECTIONS connections, ${DURATION}s per run, $ROUNDS rounds"
+    say "wrk: $WRK_THREADS thread(s), $CONNECTIONS connections, ${DURATION}s per run (paced: ${PACED_SECONDS}s), $ROUNDS rounds"
     [[ -n "$WRK_CPUS$UPSTREAM_CPUS$PROXY_CPUS" ]] &&
         say "pinning: wrk=${WRK_CPUS:-any} upstream=${UPSTREAM_CPUS:-any} proxy/reference=${PROXY_CPUS:-any}"
 
@@ -427,6 +431,7 @@ if [[ "$SKIP_THROUGHPUT" != 1 ]]; then
             pause="${mode#*:}"
             seconds="$DURATION"
             [[ "$mode" != "$CONNECTIONS:0" ]] && seconds=$(((DURATION + 1) / 2))
+            [[ "$pause" != 0 ]] && seconds="$PACED_SECONDS"
             for target in "${TARGETS[@]}"; do
                 line="$(load "$target" "$conns" "$seconds" "$pause")"
                 [[ -n "$line" ]] || die "wrk printed no result for $target"
@@ -497,9 +502,11 @@ field() { sed -n "s/.*[[:space:]]$1=\(-\{0,1\}[0-9.]*\).*/\1/p"; }
 summary() {
     awk -F'\t' -v mode="$1" -v targets="${TARGETS[*]}" '
         function get(line, key) { return match(line, key "=[0-9]+") ? substr(line, RSTART + length(key) + 1, RLENGTH - length(key) - 1) : 0 }
-        function median(a, n,   i, j, t) {
-            for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] > a[j]; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
-            return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        # Sorts a copy: the callers still read `a` round by round afterwards.
+        function median(a, n,   i, j, t, s) {
+            for (i = 1; i <= n; i++) s[i] = a[i]
+            for (i = 2; i <= n; i++) for (j = i; j > 1 && s[j-1] > s[j]; j--) { t = s[j]; s[j] = s[j-1]; s[j-1] = t }
+            return n % 2 ? s[(n + 1) / 2] : (s[n / 2] + s[n / 2 + 1]) / 2
         }
         $2 == mode {
             r = $1; t = $3
