@@ -27,13 +27,12 @@
 //! ```
 
 use std::fmt;
-use std::marker::PhantomData;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::rules::Mode;
-use super::view::visit_any_scalars;
+use super::view::Obj;
 
 /// Tokens one answer used.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,52 +63,25 @@ fn usage_members(body: &[u8]) -> Option<UsageMembers> {
     serde_json::from_slice(body).ok()
 }
 
+/// At the top of an answer, `null` counts as absent (serde reads it as `None`); inside a
+/// member it is a value that is not an object, as in a `Value`.
 #[derive(Default, Deserialize)]
 struct UsageMembers {
     #[serde(default)]
-    usage: Member<Counts>,
+    usage: Option<Obj<Counts>>,
     #[serde(default)]
-    response: Member<Nested>,
+    response: Option<Obj<Nested>>,
     #[serde(default)]
-    message: Member<Nested>,
+    message: Option<Obj<Nested>>,
     #[serde(default, rename = "usageMetadata")]
-    usage_metadata: Member<Counts>,
+    usage_metadata: Option<Obj<Counts>>,
 }
 
-/// A member read further only when it is an object. `null` is told apart: at the top of an
-/// answer it counts as absent.
-#[derive(Default)]
-enum Member<T> {
-    #[default]
-    Absent,
-    Null,
-    Map(T),
-    Other,
-}
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Member<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct MemberVisitor<T>(PhantomData<T>);
-
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for MemberVisitor<T> {
-            type Value = Member<T>;
-
-            visit_any_scalars!(null => Member::Null, other => Member::Other);
-
-            fn visit_str<E>(self, _: &str) -> Result<Member<T>, E> {
-                Ok(Member::Other)
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Member<T>, A::Error> {
-                IgnoredAny.visit_seq(seq).map(|_| Member::Other)
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Member<T>, A::Error> {
-                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Member::Map)
-            }
-        }
-
-        deserializer.deserialize_any(MemberVisitor(PhantomData))
+/// What `obj` holds when it is an object.
+fn object<T>(obj: &Obj<T>) -> Option<&T> {
+    match obj {
+        Obj::Map(inner) => Some(inner),
+        Obj::Absent | Obj::Other => None,
     }
 }
 
@@ -245,8 +217,8 @@ last_wins! {
         output_tokens: Count = "output_tokens",
         cache_creation_input_tokens: Count = "cache_creation_input_tokens",
         cache_read_input_tokens: Count = "cache_read_input_tokens",
-        prompt_tokens_details: Member<Details> = "prompt_tokens_details",
-        input_tokens_details: Member<Details> = "input_tokens_details",
+        prompt_tokens_details: Obj<Details> = "prompt_tokens_details",
+        input_tokens_details: Obj<Details> = "input_tokens_details",
         prompt_token_count: Count = "promptTokenCount",
         candidates_token_count: Count = "candidatesTokenCount",
         thoughts_token_count: Count = "thoughtsTokenCount",
@@ -265,7 +237,7 @@ last_wins! {
     /// An object that holds a `usage` of its own: a Responses event's `response`, an
     /// Anthropic `message_start`'s `message`.
     struct Nested {
-        usage: Member<Counts> = "usage",
+        usage: Obj<Counts> = "usage",
     }
 }
 
@@ -280,23 +252,19 @@ impl State {
         match mode {
             Mode::Chat | Mode::Responses => {
                 // Responses events carry the answer in `response`; whole answers at the top.
-                let usage = match &members.usage {
-                    Member::Absent | Member::Null => match &members.response {
-                        Member::Map(response) => &response.usage,
-                        _ => &Member::Absent,
-                    },
-                    usage => usage,
+                let usage = match (&members.usage, &members.response) {
+                    (Some(usage), _) => object(usage),
+                    (None, Some(Obj::Map(response))) => object(&response.usage),
+                    (None, _) => None,
                 };
-                if let Member::Map(counts) = usage
-                    && let Some(usage) = openai_usage(counts)
-                {
+                if let Some(usage) = usage.and_then(openai_usage) {
                     self.usage = Some(usage);
                 }
             }
             Mode::Anthropic => self.read_anthropic(members),
             Mode::Gemini => {
-                if let Member::Map(counts) = &members.usage_metadata
-                    && let Some(usage) = gemini_usage(counts)
+                if let Some(usage) = members.usage_metadata.as_ref().and_then(object)
+                    && let Some(usage) = gemini_usage(usage)
                 {
                     self.usage = Some(usage);
                 }
@@ -309,15 +277,12 @@ impl State {
         // `message_start` holds the message (input counts, a first output count); a whole
         // answer and `message_delta` hold `usage` at the top, the delta's counts cumulative.
         let usage = match &members.message {
-            Member::Map(Nested {
-                usage: Member::Absent,
-            })
-            | Member::Absent
-            | Member::Null
-            | Member::Other => &members.usage,
-            Member::Map(message) => &message.usage,
+            Some(Obj::Map(message)) if !matches!(message.usage, Obj::Absent) => {
+                object(&message.usage)
+            }
+            _ => members.usage.as_ref().and_then(object),
         };
-        let Member::Map(usage) = usage else {
+        let Some(usage) = usage else {
             return;
         };
         let current = self.usage.get_or_insert_with(Usage::default);
@@ -345,10 +310,7 @@ fn openai_usage(usage: &Counts) -> Option<Usage> {
         .unwrap_or(0);
     let cached = [&usage.prompt_tokens_details, &usage.input_tokens_details]
         .into_iter()
-        .find_map(|details| match details {
-            Member::Map(details) => details.cached_tokens.0,
-            _ => None,
-        })
+        .find_map(|details| object(details)?.cached_tokens.0)
         .unwrap_or(0);
     Some(Usage {
         input,

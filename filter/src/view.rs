@@ -426,8 +426,6 @@ macro_rules! visit_any_scalars {
     };
 }
 
-pub(crate) use visit_any_scalars;
-
 /// A value of which the rules only need the kind; strings are reduced to whether they are blank,
 /// so long ones are never copied.
 #[derive(Default)]
@@ -493,7 +491,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shape<T> {
 /// A value read further only when it is an object.
 #[derive(Default)]
 #[cfg_attr(test, derive(Debug, PartialEq))]
-enum Obj<T> {
+pub(crate) enum Obj<T> {
     #[default]
     Absent,
     Map(T),
