@@ -18,7 +18,7 @@ const MARKER: &str = "\u{0}fresh-filter-raw:";
 
 /// Whether placeholders are safe for this text: nothing in it can be mistaken for one.
 pub(crate) fn usable_for(text: &str) -> bool {
-    memchr::memmem::find(text.as_bytes(), br"\u0000").is_none()
+    !super::contains(text.as_bytes(), r"\u0000")
 }
 
 /// The raw members set aside while parsing, indexed by their placeholders.
