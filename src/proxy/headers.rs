@@ -41,6 +41,22 @@ pub fn upstream_request_headers(incoming: &HeaderMap) -> HeaderMap {
     detached(forwarded)
 }
 
+/// The headers of one request sent upstream: `forwarded` and the bearer `token`. The map has
+/// room for what is added on the way out, so that adding it does not grow the map: the
+/// `Accept-Encoding` of the client's decompression, the `Host` of hyper-util's client, and
+/// the `Content-Length` hyper writes after looking up `Transfer-Encoding` (a lookup by
+/// `entry` needs a free place even when it inserts nothing).
+pub(super) fn with_token(forwarded: &HeaderMap, token: Option<&HeaderValue>) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(forwarded.len() + 4);
+    for (name, value) in forwarded {
+        headers.append(name.clone(), value.clone());
+    }
+    if let Some(token) = token {
+        headers.insert(header::AUTHORIZATION, token.clone());
+    }
+    headers
+}
+
 /// `headers` with values copied into one buffer of their own.
 fn detached(mut headers: HeaderMap) -> HeaderMap {
     let len = headers.values().map(HeaderValue::len).sum();
@@ -111,6 +127,34 @@ mod tests {
             let mut headers = client_response_headers(&upstream);
             let capacity = headers.capacity();
             headers.insert("x-request-id", HeaderValue::from_static("1f"));
+            assert_eq!(headers.capacity(), capacity, "{count} headers");
+        }
+    }
+
+    /// The token, the decoder's `Accept-Encoding`, hyper-util's `Host` and hyper's
+    /// `Content-Length` fit in an upstream request's map as built, in the order they are added.
+    #[test]
+    fn an_upstream_requests_headers_have_room_for_what_is_added_on_the_way() {
+        let token = HeaderValue::from_static("Bearer dapi-not-a-real-token");
+        for count in 0..20 {
+            let mut forwarded = HeaderMap::new();
+            for i in 0..count {
+                forwarded.insert(
+                    HeaderName::try_from(format!("x-agent-{i}")).unwrap(),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            let mut headers = with_token(&forwarded, Some(&token));
+            assert_eq!(headers.len(), count + 1);
+            let capacity = headers.capacity();
+            headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+            headers.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
+            // hyper's encoder: `Transfer-Encoding` is looked up, then the length set.
+            assert!(matches!(
+                headers.entry(header::TRANSFER_ENCODING),
+                header::Entry::Vacant(_)
+            ));
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(3_449));
             assert_eq!(headers.capacity(), capacity, "{count} headers");
         }
     }

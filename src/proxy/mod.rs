@@ -203,7 +203,7 @@ impl Forwarder {
         let mut held = Held::new(&self.rate_limits);
         // The token goes on after the hop-by-hop headers are gone, so that a client's
         // `Connection: authorization` cannot strip it.
-        let mut upstream = self
+        let upstream = self
             .send_when_allowed(
                 method,
                 uri,
@@ -217,22 +217,15 @@ impl Forwarder {
             upstream.status(),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
         );
-        let used = token.as_ref().filter(|_| rejected && outgoing.replayable());
-        let mut retried = None;
-        if let Some(fresh) = match &used {
-            Some(used) => self.source.refresh(used).await,
-            None => None,
-        } {
-            tracing::info!(
-                status = upstream.status().as_u16(),
-                "upstream rejected the token; retrying once with a refreshed token"
-            );
-            self.metrics.retry();
-            upstream = self
-                .send_when_allowed(method, uri, headers, &mut outgoing, Some(&fresh), &mut held)
-                .await?;
-            retried = Some(fresh);
-        }
+        let (upstream, retried) = match token.as_ref() {
+            // Boxed, as only a rejected token takes this path: every request's future would
+            // otherwise be sized for it, and a request waiting on its answer holds that future.
+            Some(used) if rejected && outgoing.replayable() => {
+                Box::pin(self.after_rejected_token(upstream, used, head, &mut outgoing, &mut held))
+                    .await?
+            }
+            _ => (upstream, None),
+        };
         let accounting = model.map(|model| response::Accounting {
             model,
             agent: head.agent,
@@ -251,6 +244,39 @@ impl Forwarder {
             res.extensions_mut().insert(RetriedWith(token));
         }
         Ok(res)
+    }
+
+    /// After a 401 or 403 to `used`: the answer to a retry with a refreshed token, and that
+    /// token; or the rejection as it is when there is no fresher token.
+    async fn after_rejected_token(
+        &self,
+        rejection: http::Response<UpstreamBody>,
+        used: &Token,
+        head: &Head,
+        outgoing: &mut Outgoing,
+        held: &mut Held,
+    ) -> Result<(http::Response<UpstreamBody>, Option<Token>), ProxyError> {
+        let Some(fresh) = self.source.refresh(used).await else {
+            return Ok((rejection, None));
+        };
+        tracing::info!(
+            status = rejection.status().as_u16(),
+            "upstream rejected the token; retrying once with a refreshed token"
+        );
+        // Let go of the rejection (and its connection) before the retry.
+        drop(rejection);
+        self.metrics.retry();
+        let upstream = self
+            .send_when_allowed(
+                &head.method,
+                &head.target.uri,
+                &head.headers,
+                outgoing,
+                Some(&fresh),
+                held,
+            )
+            .await?;
+        Ok((upstream, Some(fresh)))
     }
 
     /// The route's upstream URL and mode. The request target never chooses the host: only its
@@ -399,35 +425,55 @@ impl Forwarder {
                 }
                 return Ok(upstream);
             }
-            let key = held.key(uri, outgoing);
-            let retry_after = upstream
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok());
-            let left = limits.rate_limited(key, retry_after);
-            // The refusal is read now, so that no upstream connection is held while waiting.
             // Boxed, as only a 429 takes this path: every request's future would otherwise be
-            // sized for it.
-            let refusal = Box::pin(self.read_refusal(upstream)).await;
-            let waited = if outgoing.replayable() {
-                limits.wait_turn(key, deadline).await
-            } else {
-                Err(TooLong { retry_after: left })
-            };
-            match waited {
-                Ok(()) => {
-                    self.metrics.rate_limited(RateLimitOutcome::Absorbed);
-                    tracing::debug!("replaying a request after an upstream 429");
-                }
-                Err(TooLong { retry_after }) => {
-                    self.metrics.rate_limited(RateLimitOutcome::Passed);
-                    let mut refusal = refusal?;
-                    refusal.headers_mut().insert(
-                        RETRY_AFTER,
-                        HeaderValue::from(retry_after_secs(retry_after)),
-                    );
-                    return Ok(refusal.map(|body| Either::Right(Full::new(body))));
-                }
+            // sized for it, and a request waiting on its answer holds that future.
+            if let Some(refusal) =
+                Box::pin(self.after_rate_limited(upstream, uri, outgoing, held)).await?
+            {
+                return Ok(refusal);
+            }
+        }
+    }
+
+    /// After a 429: `None` once the endpoint's turn has come and the request can be sent
+    /// again, or the refusal to relay, with a `Retry-After`, when it cannot wait that long.
+    async fn after_rate_limited(
+        &self,
+        upstream: http::Response<UpstreamBody>,
+        uri: &http::Uri,
+        // `&mut` for `Send`: a streamed body is not `Sync`.
+        outgoing: &mut Outgoing,
+        held: &mut Held,
+    ) -> Result<Option<http::Response<UpstreamBody>>, ProxyError> {
+        let limits = &self.rate_limits;
+        let deadline = held.deadline;
+        let key = held.key(uri, outgoing);
+        let retry_after = upstream
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok());
+        let left = limits.rate_limited(key, retry_after);
+        // The refusal is read now, so that no upstream connection is held while waiting.
+        let refusal = self.read_refusal(upstream).await;
+        let waited = if outgoing.replayable() {
+            limits.wait_turn(key, deadline).await
+        } else {
+            Err(TooLong { retry_after: left })
+        };
+        match waited {
+            Ok(()) => {
+                self.metrics.rate_limited(RateLimitOutcome::Absorbed);
+                tracing::debug!("replaying a request after an upstream 429");
+                Ok(None)
+            }
+            Err(TooLong { retry_after }) => {
+                self.metrics.rate_limited(RateLimitOutcome::Passed);
+                let mut refusal = refusal?;
+                refusal.headers_mut().insert(
+                    RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(retry_after)),
+                );
+                Ok(Some(refusal.map(|body| Either::Right(Full::new(body)))))
             }
         }
     }
@@ -455,19 +501,10 @@ impl Forwarder {
         body: OutgoingBody,
         token: Option<&Token>,
     ) -> impl Future<Output = Result<http::Response<UpstreamBody>, ProxyError>> + Send + '_ {
-        // Sized for the token and the `Accept-Encoding` the client's decompression adds: a
-        // copy of `headers` and more would grow the map.
-        let mut request_headers = HeaderMap::with_capacity(headers.len() + 2);
-        for (name, value) in headers {
-            request_headers.append(name.clone(), value.clone());
-        }
-        if let Some(token) = token {
-            request_headers.insert(http::header::AUTHORIZATION, token.header_value().clone());
-        }
         let mut request = http::Request::new(body);
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri.clone();
-        *request.headers_mut() = request_headers;
+        *request.headers_mut() = headers::with_token(headers, token.map(Token::header_value));
         let sending = self.client.send(request);
         async move {
             let started = Instant::now();

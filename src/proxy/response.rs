@@ -97,14 +97,16 @@ impl Accounting {
 /// By `mode`: chat answers are fixed (JSON and SSE); Responses, Anthropic and Gemini answers
 /// pass byte for byte, their event streams event by event; passthrough answers are streamed
 /// as they come. Usage is read from successful model answers for `accounting`.
-pub(super) async fn relay(
+pub(super) fn relay<'a>(
     upstream: http::Response<UpstreamBody>,
     mode: Mode,
     tools: ToolContext,
     accounting: Option<Accounting>,
-    metrics: &Metrics,
+    metrics: &'a Metrics,
     read_timeout: Duration,
-) -> Result<Response, ProxyError> {
+) -> impl Future<Output = Result<Response, ProxyError>> + Send + 'a {
+    use futures_util::future::{Either, ready};
+
     let status = upstream.status();
     let accounting = accounting.filter(|_| status.is_success() && mode != Mode::Passthrough);
     let mut headers = client_response_headers(upstream.headers());
@@ -119,6 +121,12 @@ pub(super) async fn relay(
                 .to_ascii_lowercase()
         })
         .unwrap_or_default();
+    let answer = move |body, headers| {
+        let mut res = Response::new(body);
+        *res.status_mut() = status;
+        *res.headers_mut() = headers;
+        res
+    };
 
     let body = if mode == Mode::Passthrough {
         Body::from_stream(body_stream(upstream, read_timeout).inspect(log_body_error))
@@ -140,25 +148,26 @@ pub(super) async fn relay(
             .exact()
             .is_none_or(|n| n <= MAX_FIXED_JSON as u64)
     {
-        // Boxed: every request's future would otherwise be sized for this branch, which only
-        // whole JSON answers take.
-        Box::pin(json_body(
-            upstream,
-            mode,
-            tools,
-            accounting,
-            metrics,
-            read_timeout,
-            &mut headers,
-        ))
-        .await?
+        // The only answers read before they are relayed. Boxed: every request's future would
+        // otherwise be sized for this path, and a request waiting on its answer's head holds
+        // that future.
+        return Either::Left(Box::pin(async move {
+            let body = json_body(
+                upstream,
+                mode,
+                tools,
+                accounting,
+                metrics,
+                read_timeout,
+                &mut headers,
+            )
+            .await?;
+            Ok(answer(body, headers))
+        }));
     } else {
         Body::from_stream(body_stream(upstream, read_timeout).inspect(log_body_error))
     };
-    let mut res = Response::new(body);
-    *res.status_mut() = status;
-    *res.headers_mut() = headers;
-    Ok(res)
+    Either::Right(ready(Ok(answer(body, headers))))
 }
 
 /// The body of a JSON answer: read whole and fixed where it needs it, or streamed through when
