@@ -10,7 +10,7 @@
 
 use serde_json::{Map, Value};
 
-use super::view;
+use super::{Needle, view};
 
 /// Begins every placeholder. JSON can only produce a NUL in a string through the escape
 /// `\u0000`, so a body without that text cannot hold a string that looks like one.
@@ -18,7 +18,8 @@ const MARKER: &str = "\u{0}fresh-filter-raw:";
 
 /// Whether placeholders are safe for this text: nothing in it can be mistaken for one.
 pub(crate) fn usable_for(text: &str) -> bool {
-    !super::contains(text.as_bytes(), r"\u0000")
+    static NUL: Needle = Needle::new(r"\u0000");
+    !NUL.is_in(text.as_bytes())
 }
 
 /// The raw members set aside while parsing, indexed by their placeholders.

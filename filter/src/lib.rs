@@ -77,8 +77,63 @@ pub use usage::{Usage, UsageScanner, usage_of_json};
 /// The placeholder name some served models give every tool call.
 pub const DATABRICKS_TOOL_CALL: &str = "databricks-tool-call";
 
-/// Whether `needle` occurs in `haystack`, by memchr's vectorised search over the bytes (a text
-/// is not checked for UTF-8 first: the needle is, and so a match is one in the text).
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    memchr::memmem::find(haystack, needle.as_bytes()).is_some()
+/// What the answers' fixes look for before they parse anything.
+static TOOL_CALLS: Needle = Needle::new("\"tool_calls\"");
+static STOP: Needle = Needle::new("\"stop\"");
+static TOOL_CALL_PLACEHOLDER: Needle = Needle::new(DATABRICKS_TOOL_CALL);
+
+/// A text searched for in every request or answer, with memchr's vectorised searcher for it,
+/// built once: building one costs more than searching a body of a few kilobytes with it.
+struct Needle {
+    text: &'static str,
+    finder: std::sync::OnceLock<memchr::memmem::Finder<'static>>,
+}
+
+impl Needle {
+    const fn new(text: &'static str) -> Self {
+        Self {
+            text,
+            finder: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Whether the needle occurs in `haystack`, searched as bytes (a text is not checked for
+    /// UTF-8 first: the needle is, and so a match is one in the text).
+    fn is_in(&self, haystack: &[u8]) -> bool {
+        self.finder
+            .get_or_init(|| memchr::memmem::Finder::new(self.text))
+            .find(haystack)
+            .is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Needle;
+
+    /// One needle, its searcher built on the first search, answers every later one.
+    #[test]
+    fn a_needle_is_found_wherever_it_is_and_only_there() {
+        static STOP: Needle = Needle::new("\"stop\"");
+        let cases: &[(&[u8], bool)] = &[
+            (b"", false),
+            (b"\"stop\"", true),
+            (br#"{"finish_reason":"stop"}"#, true),
+            (br#"{"finish_reason":"stopped"}"#, false),
+            (br#"{"finish_reason":"sto"#, false),
+            (br#"{"a":"x","b":"stop"}"#, true),
+            ("{\"é\":\"stop\"}".as_bytes(), true),
+            (b"stop", false),
+        ];
+        for _ in 0..2 {
+            for (haystack, found) in cases {
+                assert_eq!(
+                    STOP.is_in(haystack),
+                    *found,
+                    "{}",
+                    String::from_utf8_lossy(haystack)
+                );
+            }
+        }
+    }
 }

@@ -438,6 +438,23 @@ fn all_property_names(request: &Value) -> Vec<String> {
 }
 
 proptest! {
+    #![proptest_config(config(256))]
+
+    /// The shortcuts for `*` and `*family*` globs agree with the general matcher, case and
+    /// all, on patterns and names from a small alphabet where they often meet.
+    #[test]
+    fn glob_shortcuts_agree_with_the_general_match(
+        pattern in "[*?aAbB-]{0,6}",
+        name in "[aAbBcC-]{0,10}",
+    ) {
+        prop_assume!(!pattern.trim().is_empty());
+        let glob = super::rules::Glob::try_from(pattern.clone()).unwrap();
+        let general = super::rules::glob_match(pattern.to_ascii_lowercase().as_bytes(), name.as_bytes());
+        prop_assert_eq!(glob.matches(&name), general, "{} against {}", pattern, name);
+    }
+}
+
+proptest! {
     #![proptest_config(config(128))]
 
     #[test]
@@ -1118,7 +1135,8 @@ pub(crate) fn usage_through_a_value(mode: super::Mode, body: &[u8]) -> Option<su
         #[serde(rename = "usageMetadata")]
         usage_metadata: Option<Value>,
     }
-    if !super::contains(body, "usage") && !super::contains(body, "\\u") {
+    let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    if !contains(b"usage") && !contains(b"\\u") {
         return None;
     }
     let members: UsageMembers = serde_json::from_slice(body).ok()?;

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 
 use super::arguments::{NameScan, scan_name, without};
 use super::report::{FilterAction, FilterReport};
-use super::{DATABRICKS_TOOL_CALL, contains};
+use super::{DATABRICKS_TOOL_CALL, STOP, TOOL_CALL_PLACEHOLDER, TOOL_CALLS};
 
 /// The tools a request declared, which decide whether a `databricks-tool-call` may be renamed.
 ///
@@ -107,8 +107,8 @@ pub fn fix_response_bytes(body: &[u8], tools: &ToolContext) -> (Option<Vec<u8>>,
     let unchanged = (None, FilterReport::default());
     // The remap needs a `databricks-tool-call`, the finish fix a `"stop"` on a choice with
     // `"tool_calls"`; most bodies have neither and are never parsed.
-    let may_need_a_fix = contains(body, DATABRICKS_TOOL_CALL)
-        || (contains(body, "\"stop\"") && contains(body, "\"tool_calls\""));
+    let may_need_a_fix =
+        TOOL_CALL_PLACEHOLDER.is_in(body) || (STOP.is_in(body) && TOOL_CALLS.is_in(body));
     if !may_need_a_fix {
         return unchanged;
     }

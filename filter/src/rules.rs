@@ -218,13 +218,39 @@ impl TryFrom<String> for Glob {
 impl Glob {
     /// Whether `name` matches.
     pub fn matches(&self, name: &str) -> bool {
-        glob_match(self.0.as_bytes(), name.as_bytes())
+        let (pattern, text) = (self.0.as_bytes(), name.as_bytes());
+        // The usual shapes, `*` and `*family*`, are checked without backtracking: every
+        // request is matched against every rule.
+        match pattern {
+            [b'*'] => true,
+            [b'*', inner @ .., b'*'] if !inner.contains(&b'*') && !inner.contains(&b'?') => {
+                contains_ignoring_case(text, inner)
+            }
+            _ => glob_match(pattern, text),
+        }
     }
+}
+
+/// Whether `text` holds `lower` (lower case already), compared without case: memchr finds
+/// where the first letter is, in either case, and only there is the rest compared.
+fn contains_ignoring_case(text: &[u8], lower: &[u8]) -> bool {
+    let Some((&first, rest)) = lower.split_first() else {
+        return true;
+    };
+    let Some(last_start) = text.len().checked_sub(lower.len()) else {
+        return false;
+    };
+    memchr::memchr2_iter(first, first.to_ascii_uppercase(), &text[..=last_start]).any(|at| {
+        text[at + 1..at + lower.len()]
+            .iter()
+            .zip(rest)
+            .all(|(t, l)| t.to_ascii_lowercase() == *l)
+    })
 }
 
 /// Iterative wildcard match with one backtrack point: linear in practice, never exponential.
 /// `pattern` is lower case already; `text` is compared without case.
-fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+pub(crate) fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {

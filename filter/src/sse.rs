@@ -10,10 +10,10 @@ use std::mem;
 
 use serde_json::{Map, Value};
 
-use super::DATABRICKS_TOOL_CALL;
 use super::arguments::{NameScan, scan_name, without};
 use super::report::{FilterAction, FilterReport};
 use super::response::{ToolContext, fix_finish_reason};
+use super::{DATABRICKS_TOOL_CALL, STOP, TOOL_CALL_PLACEHOLDER, TOOL_CALLS};
 
 /// Bounds on what an [`SseRewriter`] keeps in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -422,12 +422,13 @@ impl SseRewriter {
         let Ok(text) = std::str::from_utf8(data) else {
             return false;
         };
+        let text = text.as_bytes();
         if !self.calls.pending.is_empty() {
-            return text.contains("\"tool_calls\"") || text.contains("\"stop\"");
+            return TOOL_CALLS.is_in(text) || STOP.is_in(text);
         }
-        text.contains("\"tool_calls\"")
-            || text.contains(DATABRICKS_TOOL_CALL)
-            || (!self.calls.tool_choices.is_empty() && text.contains("\"stop\""))
+        TOOL_CALLS.is_in(text)
+            || TOOL_CALL_PLACEHOLDER.is_in(text)
+            || (!self.calls.tool_choices.is_empty() && STOP.is_in(text))
     }
 
     /// Emits an event unchanged, or holds it behind held events.

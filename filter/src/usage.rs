@@ -31,6 +31,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+use super::Needle;
 use super::rules::Mode;
 use super::view::Obj;
 
@@ -455,7 +456,9 @@ impl UsageScanner {
 /// hold neither, and are not parsed. A key can only spell `usage` without those letters in a
 /// row through `\u` escapes, so a payload with one is parsed too.
 fn may_name_usage(data: &[u8]) -> bool {
-    super::contains(data, "usage") || super::contains(data, "\\u")
+    static USAGE: Needle = Needle::new("usage");
+    static ESCAPE: Needle = Needle::new("\\u");
+    USAGE.is_in(data) || ESCAPE.is_in(data)
 }
 
 #[cfg(test)]
