@@ -34,6 +34,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use fresh_token::{Token, TokenSource};
+use futures_util::future::Either as FutureEither;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
@@ -201,63 +202,70 @@ impl Forwarder {
         // Held until the answer's headers are in: the body stays in memory until then.
         let (mut outgoing, tools, model, _budget) = self.read_body(head, body).await?;
         let mut held = Held::new(&self.rate_limits);
-        // The token goes on after the hop-by-hop headers are gone, so that a client's
-        // `Connection: authorization` cannot strip it.
-        let upstream = self
-            .send_when_allowed(
-                method,
-                uri,
-                headers,
-                &mut outgoing,
-                token.as_ref(),
-                &mut held,
-            )
-            .await?;
-        let rejected = matches!(
-            upstream.status(),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-        );
-        let (upstream, retried) = match token.as_ref() {
-            // Boxed, as only a rejected token takes this path: every request's future would
-            // otherwise be sized for it, and a request waiting on its answer holds that future.
-            Some(used) if rejected && outgoing.replayable() => {
-                Box::pin(self.after_rejected_token(upstream, used, head, &mut outgoing, &mut held))
-                    .await?
-            }
-            _ => (upstream, None),
-        };
         let accounting = model.map(|model| response::Accounting {
             model,
             agent: head.agent,
             metrics: self.metrics.clone(),
         });
-        let mut res = response::relay(
-            upstream,
-            target.mode,
-            tools,
-            accounting,
-            &self.metrics,
-            self.upstream_timeout,
-        )
-        .await?;
-        if let Some(token) = retried {
-            res.extensions_mut().insert(RetriedWith(token));
-        }
-        Ok(res)
+        let relay = move |upstream| {
+            response::relay(
+                upstream,
+                target.mode,
+                tools,
+                accounting,
+                &self.metrics,
+                self.upstream_timeout,
+            )
+        };
+        // The answer goes into the future that relays it as soon as it is in, and this block
+        // ends before that future is awaited: no place is kept for it beside that future in
+        // this one, which a request waiting on its answer holds.
+        let relaying = {
+            // The token goes on after the hop-by-hop headers are gone, so that a client's
+            // `Connection: authorization` cannot strip it.
+            let upstream = self
+                .send_when_allowed(
+                    method,
+                    uri,
+                    headers,
+                    &mut outgoing,
+                    token.as_ref(),
+                    &mut held,
+                )
+                .await?;
+            let rejected = matches!(
+                upstream.status(),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+            );
+            match token.as_ref() {
+                // Boxed, as only a rejected token takes this path: every request's future
+                // would otherwise be sized for it.
+                Some(used) if rejected && outgoing.replayable() => FutureEither::Left(Box::pin(
+                    self.after_rejected_token(upstream, used, head, outgoing, held, relay),
+                )),
+                _ => FutureEither::Right(relay(upstream)),
+            }
+        };
+        relaying.await
     }
 
-    /// After a 401 or 403 to `used`: the answer to a retry with a refreshed token, and that
-    /// token; or the rejection as it is when there is no fresher token.
-    async fn after_rejected_token(
+    /// After a 401 or 403 to `used`: a retry with a refreshed token, its answer relayed with
+    /// that token named on it; or the rejection relayed as it is when there is no fresher token.
+    async fn after_rejected_token<R, F>(
         &self,
         rejection: http::Response<UpstreamBody>,
         used: &Token,
         head: &Head,
-        outgoing: &mut Outgoing,
-        held: &mut Held,
-    ) -> Result<(http::Response<UpstreamBody>, Option<Token>), ProxyError> {
+        mut outgoing: Outgoing,
+        mut held: Held,
+        relay: R,
+    ) -> Result<Response, ProxyError>
+    where
+        R: FnOnce(http::Response<UpstreamBody>) -> F,
+        F: Future<Output = Result<Response, ProxyError>>,
+    {
         let Some(fresh) = self.source.refresh(used).await else {
-            return Ok((rejection, None));
+            return relay(rejection).await;
         };
         tracing::info!(
             status = rejection.status().as_u16(),
@@ -271,12 +279,14 @@ impl Forwarder {
                 &head.method,
                 &head.target.uri,
                 &head.headers,
-                outgoing,
+                &mut outgoing,
                 Some(&fresh),
-                held,
+                &mut held,
             )
             .await?;
-        Ok((upstream, Some(fresh)))
+        let mut res = relay(upstream).await?;
+        res.extensions_mut().insert(RetriedWith(fresh));
+        Ok(res)
     }
 
     /// The route's upstream URL and mode. The request target never chooses the host: only its
