@@ -113,18 +113,21 @@ fn filtered(
 mod tests {
     use super::*;
 
+    /// `count` headers named `{prefix}-0`, `{prefix}-1` and so on.
+    fn numbered(prefix: &str, count: usize) -> HeaderMap {
+        (0..count)
+            .map(|i| {
+                let name = HeaderName::try_from(format!("{prefix}-{i}")).unwrap();
+                (name, HeaderValue::from_static("v"))
+            })
+            .collect()
+    }
+
     /// The `x-request-id` added to every answer on its way out fits in the map as built.
     #[test]
     fn an_answers_headers_have_room_for_the_request_id() {
         for count in 0..20 {
-            let mut upstream = HeaderMap::new();
-            for i in 0..count {
-                upstream.insert(
-                    HeaderName::try_from(format!("x-upstream-{i}")).unwrap(),
-                    HeaderValue::from_static("v"),
-                );
-            }
-            let mut headers = client_response_headers(&upstream);
+            let mut headers = client_response_headers(&numbered("x-upstream", count));
             let capacity = headers.capacity();
             headers.insert("x-request-id", HeaderValue::from_static("1f"));
             assert_eq!(headers.capacity(), capacity, "{count} headers");
@@ -137,14 +140,7 @@ mod tests {
     fn an_upstream_requests_headers_have_room_for_what_is_added_on_the_way() {
         let token = HeaderValue::from_static("Bearer dapi-not-a-real-token");
         for count in 0..20 {
-            let mut forwarded = HeaderMap::new();
-            for i in 0..count {
-                forwarded.insert(
-                    HeaderName::try_from(format!("x-agent-{i}")).unwrap(),
-                    HeaderValue::from_static("v"),
-                );
-            }
-            let mut headers = with_token(&forwarded, Some(&token));
+            let mut headers = with_token(&numbered("x-agent", count), Some(&token));
             assert_eq!(headers.len(), count + 1);
             let capacity = headers.capacity();
             headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
