@@ -34,7 +34,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use fresh_token::{Token, TokenSource};
-use futures_util::future::Either as FutureEither;
+use futures_util::future::{Either as FutureEither, ready};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
@@ -124,16 +124,14 @@ struct RetriedWith(Token);
 /// instead of allocating another while the answer is awaited. The future holds what it needs
 /// of the head once, not copies of the request at each level.
 pub fn forward(fwd: Arc<Forwarder>, req: Request) -> impl Future<Output = Response> + Send {
-    use futures_util::future::{Either, ready};
-
     fwd.activity.record(SystemTime::now());
     let (parts, body) = req.into_parts();
     let head = match fwd.head(parts) {
         Ok(head) => head,
         // The proxy's own errors never hold a token, and keep their `Content-Length`.
-        Err(err) => return Either::Left(ready(err.into_response())),
+        Err(err) => return FutureEither::Left(ready(err.into_response())),
     };
-    Either::Right(async move {
+    FutureEither::Right(async move {
         match fwd.forward(&head, body).await {
             Ok(res) => {
                 let retried = res.extensions().get::<RetriedWith>().map(|r| r.0.clone());
